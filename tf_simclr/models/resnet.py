@@ -206,9 +206,10 @@ def _stem(cfg: ModelConfig, images, trainable):
   width = scaled_width(64, cfg.width_multiplier)
 
   def conv_bn(x, filters, kernel_size, strides, name):
-    conv = Conv2dFixedPadding(filters, kernel_size, strides, name=name, trainable=trainable)
+    conv = Conv2dFixedPadding(filters, kernel_size, strides, name=name)
     bn = batch_norm(cfg, name + "_bn")
-    bn.trainable = trainable
+    # The setter (unlike the constructor argument) also freezes sublayers.
+    conv.trainable = bn.trainable = trainable
     out = conv(x)
     return out, ops.relu(bn(out))
 

@@ -1,0 +1,315 @@
+"""SimCLRv2 in TensorFlow 2 / Keras 3: pretrain, finetune, distill and evaluate.
+
+  python run.py --flagfile=flags/fashion_mnist_pretrain.cfg --model_dir=runs/pretrain
+
+Flag names and meanings follow the reference implementation (google-research/simclr) so
+its and the paper's recipes run unchanged as flagfiles (see flags/). This is the only
+module that reads absl FLAGS: it turns them into the config dataclasses of tf_simclr.config.
+"""
+
+import json
+import os
+import sys
+
+import tf_simclr  # noqa: F401  (quiets TensorFlow's start-up logging)
+from absl import app, flags
+
+from tf_simclr.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+
+# --------------------------------------------------------------------------- flags
+
+flags.DEFINE_enum("mode", "train", ["train", "eval", "train_then_eval"],
+                  "train, evaluate every checkpoint of model_dir, or both.")
+flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune", "distill"],
+                  "SimCLRv2 stage: contrastive pretraining, supervised fine-tuning, or "
+                  "distillation from a teacher on unlabelled data.")
+flags.DEFINE_string("model_dir", None, "Where checkpoints, summaries, results and exports go.")
+flags.DEFINE_integer("seed", 0, "Seed of initial weights, data order and augmentations.")
+flags.DEFINE_bool("deterministic", False,
+                  "Deterministic TF ops (bit-exact reruns and resumes; somewhat slower).")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                  "Compute precision; losses, softmax and BN statistics stay float32.")
+
+# Data.
+flags.DEFINE_string("dataset", "imagenet2012",
+                    "A TFDS image classification dataset (e.g. cifar10, fashion_mnist, "
+                    "imagenet2012_subset/1pct) or folder:/path with one subfolder per class.")
+flags.DEFINE_string("data_dir", None, "TFDS data directory.")
+flags.DEFINE_string("train_split", "train", "Training split (TFDS slicing allowed).")
+flags.DEFINE_string("eval_split", "validation", "Evaluation split.")
+flags.DEFINE_bool("cache_dataset", False, "Cache the decoded dataset in memory.")
+flags.DEFINE_float("train_label_fraction", 1.0,
+                   "Class-balanced seeded fraction of the training labels used by finetune "
+                   "(the paper's 1%/10% protocol).")
+flags.DEFINE_integer("image_size", 224, "Input image size (<= 32 uses the CIFAR stem).")
+flags.DEFINE_float("color_jitter_strength", 1.0, "Strength s of the colour distortion.")
+flags.DEFINE_bool("use_blur", True, "Gaussian blur in pretraining augmentation.")
+
+# Model.
+flags.DEFINE_integer("resnet_depth", 50, "ResNet depth: 10, 18, 34, 50, 101, 152 or 200.")
+flags.DEFINE_float("width_multiplier", 1, "Width multiplier (integers above 1; <1 allowed).")
+flags.DEFINE_float("sk_ratio", 0.0, "Selective kernel ratio (SimCLRv2: 0.0625); 0 disables.")
+flags.DEFINE_float("se_ratio", 0.0, "Squeeze-excitation ratio; 0 disables.")
+flags.DEFINE_float("batch_norm_decay", 0.9, "BN moving average decay.")
+flags.DEFINE_bool("global_bn", True, "Synchronize BN statistics across replicas.")
+flags.DEFINE_enum("proj_head_mode", "nonlinear", ["none", "linear", "nonlinear"],
+                  "Projection head type.")
+flags.DEFINE_integer("proj_out_dim", 128, "Output width of the projection head.")
+flags.DEFINE_integer("num_proj_layers", 3, "Layers of the nonlinear projection head.")
+flags.DEFINE_integer("ft_proj_selector", 0,
+                     "Projection head layer feeding the supervised head (0: trunk output; "
+                     "SimCLRv2 fine-tunes from 1, the middle of a 3-layer head).")
+flags.DEFINE_integer("fine_tune_after_block", -1,
+                     "Fine-tune only after this block (-1: all; 0: after the stem; "
+                     "4: only the heads).")
+flags.DEFINE_bool("zero_init_logits_layer", False,
+                  "Zero-initialise the supervised head when initialising from --checkpoint.")
+
+# Optimisation.
+flags.DEFINE_integer("train_batch_size", 512, "Global training batch size.")
+flags.DEFINE_integer("train_epochs", 100, "Training epochs (unless --train_steps).")
+flags.DEFINE_integer("train_steps", 0, "Training steps; overrides --train_epochs when > 0.")
+flags.DEFINE_integer("eval_batch_size", 256, "Global evaluation batch size.")
+flags.DEFINE_integer("eval_steps", 0, "Evaluation steps; 0 evaluates the whole split.")
+flags.DEFINE_float("learning_rate", 0.3, "Base learning rate (scaled by batch size).")
+flags.DEFINE_enum("learning_rate_scaling", "linear", ["linear", "sqrt"],
+                  "linear: lr * B / 256; sqrt: lr * sqrt(B).")
+flags.DEFINE_float("warmup_epochs", 10, "Linear warmup epochs before cosine decay.")
+flags.DEFINE_float("weight_decay", 1e-6, "Weight decay (in LARS; L2 in the loss otherwise).")
+flags.DEFINE_enum("optimizer", "lars", ["lars", "momentum", "adam"], "Optimizer.")
+flags.DEFINE_float("momentum", 0.9, "Momentum of lars and momentum optimizers.")
+flags.DEFINE_float("temperature", 0.1, "NT-Xent temperature.")
+flags.DEFINE_bool("hidden_norm", True, "L2-normalise projections in NT-Xent.")
+flags.DEFINE_bool("lineareval_while_pretraining", True,
+                  "Train a linear head on stop-gradient features during pretraining.")
+flags.DEFINE_string("checkpoint", None,
+                    "Initialise a new finetune/distill run from this checkpoint (or model_dir).")
+flags.DEFINE_integer("checkpoint_epochs", 1, "Checkpoint every this many epochs.")
+flags.DEFINE_integer("checkpoint_steps", 0, "Checkpoint every this many steps (overrides epochs).")
+flags.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
+flags.DEFINE_integer("steps_per_loop", 0, "Steps per tf.function call (0: automatic).")
+flags.DEFINE_integer("eval_timeout_secs", 0,
+                     "--mode=eval: wait this long for new checkpoints (0: only existing ones).")
+
+# Distillation.
+flags.DEFINE_string("teacher_checkpoint", None,
+                    "Teacher of --train_mode=distill: a tf_simclr model_dir or checkpoint; its "
+                    "architecture is read from the teacher run's flags.json.")
+flags.DEFINE_float("distill_temperature", 1.0, "Temperature tau of teacher and student.")
+flags.DEFINE_float("distill_alpha", 0.0,
+                   "Weight of the supervised loss on the labelled subset (0: pure distillation).")
+for _name, _kind in (("resnet_depth", "integer"), ("width_multiplier", "float"),
+                     ("sk_ratio", "float"), ("se_ratio", "float"),
+                     ("proj_head_mode", "string"), ("proj_out_dim", "integer"),
+                     ("num_proj_layers", "integer"), ("ft_proj_selector", "integer")):
+  getattr(flags, f"DEFINE_{_kind}")(f"teacher_{_name}", None,
+                                    f"Override of the teacher's {_name} (default: its flags.json).")
+
+# Distribution.
+flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy (auto picks from --tpu, TF_CONFIG and devices).")
+flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into this many logical replicas.")
+flags.DEFINE_string("tpu", None, "TPU name or address.")
+flags.DEFINE_string("tpu_zone", None, "TPU zone.")
+flags.DEFINE_string("gcp_project", None, "GCP project of the TPU.")
+flags.DEFINE_bool("use_tpu", False, "Reference compatibility: same as --strategy=tpu.")
+
+FLAGS = flags.FLAGS
+
+# Flags that define what a model_dir holds: a second run into the same directory must agree.
+RUN_IDENTITY = ("train_mode", "dataset", "resnet_depth", "width_multiplier", "sk_ratio",
+                "se_ratio", "proj_head_mode", "proj_out_dim", "num_proj_layers",
+                "ft_proj_selector", "image_size")
+
+
+def model_config(num_classes, overrides=None) -> ModelConfig:
+  values = dict(
+      resnet_depth=FLAGS.resnet_depth, width_multiplier=FLAGS.width_multiplier,
+      sk_ratio=FLAGS.sk_ratio, se_ratio=FLAGS.se_ratio, batch_norm_decay=FLAGS.batch_norm_decay,
+      global_bn=FLAGS.global_bn, image_size=FLAGS.image_size,
+      proj_head_mode=FLAGS.proj_head_mode, proj_out_dim=FLAGS.proj_out_dim,
+      num_proj_layers=FLAGS.num_proj_layers, ft_proj_selector=FLAGS.ft_proj_selector,
+      num_classes=num_classes,
+      fine_tune_after_block=(FLAGS.fine_tune_after_block if FLAGS.train_mode == "finetune"
+                             else -1))
+  values.update(overrides or {})
+  return ModelConfig(**values)
+
+
+def data_config() -> DataConfig:
+  return DataConfig(
+      dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, train_split=FLAGS.train_split,
+      eval_split=FLAGS.eval_split, image_size=FLAGS.image_size,
+      color_jitter_strength=FLAGS.color_jitter_strength, use_blur=FLAGS.use_blur,
+      cache_dataset=FLAGS.cache_dataset, train_label_fraction=FLAGS.train_label_fraction,
+      seed=FLAGS.seed)
+
+
+def train_config() -> TrainConfig:
+  names = [f.name for f in TrainConfig.__dataclass_fields__.values()]
+  return TrainConfig(**{name: getattr(FLAGS, name) for name in names})
+
+
+def validate_flags():
+  """Flag combinations that cannot work: one clear line each, before any heavy work."""
+  if not FLAGS.model_dir:
+    raise app.UsageError("--model_dir is required")
+  positive = ("train_batch_size", "eval_batch_size", "keep_checkpoint_max", "image_size",
+              "proj_out_dim", "num_proj_layers")
+  for name in positive:
+    if getattr(FLAGS, name) <= 0:
+      raise app.UsageError(f"--{name} must be > 0, got {getattr(FLAGS, name)}")
+  non_negative = ("train_epochs", "train_steps", "eval_steps", "checkpoint_steps",
+                  "checkpoint_epochs", "steps_per_loop", "warmup_epochs", "weight_decay",
+                  "learning_rate", "num_cpu_replicas", "eval_timeout_secs")
+  for name in non_negative:
+    if getattr(FLAGS, name) < 0:
+      raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
+  if FLAGS.train_steps == 0 and FLAGS.train_epochs == 0 and FLAGS.mode != "eval":
+    raise app.UsageError("one of --train_steps or --train_epochs must be > 0")
+  if FLAGS.checkpoint_steps == 0 and FLAGS.checkpoint_epochs == 0:
+    raise app.UsageError("one of --checkpoint_steps or --checkpoint_epochs must be > 0")
+  if FLAGS.temperature <= 0 or FLAGS.distill_temperature <= 0:
+    raise app.UsageError("--temperature and --distill_temperature must be > 0")
+  if not 0 < FLAGS.train_label_fraction <= 1:
+    raise app.UsageError(f"--train_label_fraction must be in (0, 1], got "
+                         f"{FLAGS.train_label_fraction}")
+  if not 0 <= FLAGS.distill_alpha <= 1:
+    raise app.UsageError(f"--distill_alpha must be in [0, 1], got {FLAGS.distill_alpha}")
+  if FLAGS.train_mode == "pretrain" and FLAGS.fine_tune_after_block != -1:
+    raise app.UsageError("--fine_tune_after_block freezes layers, which pretraining does not "
+                         "support: use it with --train_mode=finetune")
+  if FLAGS.train_mode == "distill" and not FLAGS.teacher_checkpoint:
+    raise app.UsageError("--train_mode=distill needs --teacher_checkpoint")
+  if FLAGS.train_mode != "distill" and FLAGS.teacher_checkpoint:
+    raise app.UsageError("--teacher_checkpoint is only used with --train_mode=distill")
+  replicas = max(FLAGS.num_cpu_replicas, 1)
+  if FLAGS.train_batch_size % replicas:
+    raise app.UsageError(f"--train_batch_size={FLAGS.train_batch_size} is not divisible by "
+                         f"--num_cpu_replicas={FLAGS.num_cpu_replicas}")
+  try:
+    model_config(num_classes=1).validate()
+  except ValueError as e:
+    raise app.UsageError(str(e))
+
+
+def check_model_dir(model_dir, flag_values):
+  """model_dir must be writable and, if it holds a run, a run of this mode/architecture."""
+  import tensorflow as tf
+  try:
+    tf.io.gfile.makedirs(model_dir)
+    probe = os.path.join(model_dir, f".write_test_{os.getpid()}")
+    with tf.io.gfile.GFile(probe, "w") as f:
+      f.write("")
+    tf.io.gfile.remove(probe)
+  except (OSError, tf.errors.OpError) as e:
+    raise app.UsageError(f"--model_dir={model_dir} is not writable: {e}")
+  path = os.path.join(model_dir, "flags.json")
+  if not tf.io.gfile.exists(path):
+    return
+  with tf.io.gfile.GFile(path) as f:
+    previous = json.load(f)
+  for name in RUN_IDENTITY:
+    if name in previous and previous[name] != flag_values[name]:
+      raise app.UsageError(
+          f"--model_dir={model_dir} holds a run with {name}={previous[name]!r}, not "
+          f"{flag_values[name]!r}: use another --model_dir (or the same flags to resume)")
+
+
+def load_teacher(strategy, num_classes):
+  """The frozen teacher of distillation, restored inside the strategy scope."""
+  from tf_simclr.models.simclr import build_model
+  from tf_simclr.train import checkpoints
+  path = FLAGS.teacher_checkpoint
+  prefix = checkpoints.resolve_checkpoint(path)
+  teacher_dir = path if os.path.isdir(path) else os.path.dirname(prefix)
+  overrides = {}
+  flags_path = os.path.join(teacher_dir, "flags.json")
+  if os.path.exists(flags_path):
+    with open(flags_path) as f:
+      teacher_flags = json.load(f)
+    overrides = {k: teacher_flags[k] for k in
+                 ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio", "proj_head_mode",
+                  "proj_out_dim", "num_proj_layers", "ft_proj_selector", "image_size")
+                 if k in teacher_flags}
+  for name in ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio", "proj_head_mode",
+               "proj_out_dim", "num_proj_layers", "ft_proj_selector"):
+    if getattr(FLAGS, f"teacher_{name}") is not None:
+      overrides[name] = getattr(FLAGS, f"teacher_{name}")
+  cfg = model_config(num_classes, dict(overrides, fine_tune_after_block=-1))
+  with strategy.scope():
+    teacher = build_model(cfg)
+  # A teacher with another number of classes fails here, naming the head's variable.
+  checkpoints.restore_model(prefix, teacher)
+  teacher.trainable = False
+  print(f"Teacher: ResNet-{cfg.resnet_depth} {cfg.width_multiplier:g}x from {prefix}", flush=True)
+  return teacher
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  validate_flags()
+  # This run's own flags (not absl's): what flags.json records and distill reads back.
+  flag_values = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}
+  check_model_dir(FLAGS.model_dir, flag_values)
+
+  import keras
+  import tensorflow as tf
+  from tf_simclr import strategy as strategy_lib
+  from tf_simclr.data import datasets
+  from tf_simclr.train import checkpoints, loop
+
+  strategy = strategy_lib.build_strategy(
+      "tpu" if FLAGS.use_tpu and FLAGS.strategy == "auto" else FLAGS.strategy,
+      FLAGS.num_cpu_replicas, FLAGS.tpu, FLAGS.tpu_zone, FLAGS.gcp_project)
+  keras.utils.set_random_seed(FLAGS.seed)
+  if FLAGS.deterministic:
+    tf.config.experimental.enable_op_determinism()
+  if FLAGS.precision != "float32":
+    keras.mixed_precision.set_global_policy(FLAGS.precision)
+
+  data_cfg = data_config()
+  try:
+    info = datasets.dataset_info(data_cfg)
+  except (ValueError, FileNotFoundError) as e:
+    raise app.UsageError(str(e))
+  is_chief = strategy_lib.is_chief(strategy)
+  if is_chief:
+    loop.write_json_atomic(os.path.join(FLAGS.model_dir, "flags.json"), flag_values)
+
+  teacher = load_teacher(strategy, info.num_classes) if FLAGS.train_mode == "distill" else None
+  spec = loop.RunSpec(
+      strategy=strategy, model_dir=FLAGS.model_dir, model_cfg=model_config(info.num_classes),
+      data_cfg=data_cfg, train_cfg=train_config(),
+      distill_cfg=DistillConfig(teacher_checkpoint=FLAGS.teacher_checkpoint or "",
+                                distill_temperature=FLAGS.distill_temperature,
+                                distill_alpha=FLAGS.distill_alpha),
+      is_chief=is_chief)
+  trainer = loop.Trainer(spec, teacher=teacher)
+
+  if FLAGS.mode in ("train", "train_then_eval"):
+    step = trainer.restore_or_initialize()
+    if step == 0 and FLAGS.checkpoint:
+      trainer.initialize_from(checkpoints.resolve_checkpoint(FLAGS.checkpoint),
+                              FLAGS.zero_init_logits_layer)
+    trainer.train(step)
+    if FLAGS.mode == "train_then_eval":
+      trainer.evaluate()
+  elif FLAGS.mode == "eval":
+    evaluated = set()
+    for prefix in tf.train.checkpoints_iterator(FLAGS.model_dir, min_interval_secs=1,
+                                                timeout=FLAGS.eval_timeout_secs or 1):
+      if prefix in evaluated:
+        continue
+      evaluated.add(prefix)
+      result = trainer.evaluate(prefix)
+      if result["global_step"] >= trainer.total_steps:
+        break
+    if not evaluated:
+      raise app.UsageError(f"no checkpoint to evaluate in --model_dir={FLAGS.model_dir}")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("model_dir")
+  app.run(main)

@@ -1,0 +1,169 @@
+"""The SimCLRv2 model: outputs, parameter parity with the reference, freezing, checkpoints."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_simclr.config import ModelConfig
+from tf_simclr.models.simclr import OUTPUT_NAMES, build_model, count_params
+from tf_simclr.summary import parameter_counts
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny(**kwargs):
+  base = dict(resnet_depth=10, width_multiplier=0.25, image_size=32, num_classes=10,
+              proj_out_dim=16, global_bn=False)
+  base.update(kwargs)
+  return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("kwargs, widths", [
+    (dict(), (16, 32, 64, 128)),
+    (dict(resnet_depth=18, width_multiplier=0.125), (8, 16, 32, 64)),
+    (dict(resnet_depth=50, width_multiplier=0.125), (32, 64, 128, 256)),
+    (dict(resnet_depth=50, width_multiplier=0.125, sk_ratio=0.0625), (32, 64, 128, 256)),
+    (dict(resnet_depth=18, width_multiplier=0.125, se_ratio=0.25), (8, 16, 32, 64)),
+])
+def test_output_names_and_shapes(kwargs, widths):
+  cfg = tiny(**kwargs)
+  out = build_model(cfg)(np.random.rand(2, 32, 32, 3).astype("float32"), training=False)
+  assert set(out) == set(OUTPUT_NAMES)
+  # CIFAR stem: stride-1 3x3 conv, no max-pool, so group 1 keeps 32x32.
+  stem_width = max(1, int(64 * cfg.width_multiplier))
+  assert out["initial_conv"].shape == (2, 32, 32, stem_width)
+  assert out["initial_max_pool"].shape == (2, 32, 32, stem_width)
+  for g, (w, size) in enumerate(zip(widths, (32, 16, 8, 4))):
+    assert out[f"block_group{g + 1}"].shape == (2, size, size, w)
+  assert out["final_avg_pool"].shape == (2, widths[-1])
+  assert out["proj_head_input"].shape == (2, widths[-1])
+  assert out["proj_head_output"].shape == (2, 16)
+  assert out["logits_sup"].shape == (2, 10)
+  np.testing.assert_allclose(out["final_avg_pool"],
+                             np.mean(out["block_group4"], axis=(1, 2)), rtol=1e-5, atol=1e-6)
+
+
+def test_imagenet_stem_and_any_input_size():
+  for sk in (0.0, 0.0625):
+    model = build_model(tiny(image_size=64, sk_ratio=sk, resnet_depth=50,
+                             width_multiplier=0.125))
+    out = model(np.random.rand(1, 72, 72, 3).astype("float32"))
+    assert out["initial_conv"].shape[1:3] == (36, 36)      # stride-2 stem conv
+    assert out["initial_max_pool"].shape[1:3] == (18, 18)  # stride-2 max-pool
+    assert out["block_group4"].shape[1:3] == (3, 3)
+
+
+@pytest.mark.parametrize("mode, layers, selector, head_in", [
+    ("nonlinear", 3, 0, 128), ("nonlinear", 3, 1, 128), ("nonlinear", 3, 3, 16),
+    ("nonlinear", 2, 2, 16), ("linear", 1, 1, 16), ("none", 3, 0, 128)])
+def test_projection_head_and_selector(mode, layers, selector, head_in):
+  cfg = tiny(proj_head_mode=mode, num_proj_layers=layers, ft_proj_selector=selector)
+  model = build_model(cfg)
+  out = model(np.random.rand(3, 32, 32, 3).astype("float32"))
+  assert model.supervised_head.trainable_weights[0].shape == (head_in, 10)
+  expected_out = 128 if mode == "none" else 16
+  assert out["proj_head_output"].shape == (3, expected_out)
+  if mode == "none":
+    np.testing.assert_array_equal(out["proj_head_output"], out["final_avg_pool"])
+
+
+def test_bad_selector_and_block_are_clear_errors():
+  with pytest.raises(ValueError, match="ft_proj_selector=4 must be in 0..3"):
+    tiny(ft_proj_selector=4).validate()
+  with pytest.raises(ValueError, match="fine_tune_after_block=5 must be in -1..4"):
+    tiny(fine_tune_after_block=5).validate()
+  with pytest.raises(ValueError, match="resnet_depth=20"):
+    tiny(resnet_depth=20).validate()
+
+
+# Trainable parameter counts of the reference implementation's trunks (224x224, trunk only).
+REFERENCE_TRUNK_PARAMS = [
+    (50, 1, 0.0, 23_508_032),
+    (50, 1, 0.0625, 35_215_584),
+    (101, 1, 0.0, 42_500_160),
+]
+
+
+@pytest.mark.parametrize("depth, width, sk, params", REFERENCE_TRUNK_PARAMS)
+def test_parameter_counts_equal_reference(depth, width, sk, params):
+  counts = parameter_counts(ModelConfig(resnet_depth=depth, width_multiplier=width,
+                                        sk_ratio=sk, global_bn=False))
+  assert counts["trunk_params"] == params
+  assert counts["projection_head_params"] == 8_659_072
+  assert counts["supervised_head_params"] == 2_049_000
+
+
+def test_summary_cli_json_last_line():
+  out = subprocess.run(
+      [sys.executable, "-m", "tf_simclr.summary", "--resnet_depth=50", "--width_multiplier=2",
+       "--sk_ratio=0.0625", "--json"], cwd=ROOT, capture_output=True, text=True, check=True)
+  counts = json.loads(out.stdout.strip().splitlines()[-1])
+  assert counts["trunk_params"] == 140_306_048
+  assert counts["total_params"] == (counts["trunk_params"] + counts["projection_head_params"]
+                                    + counts["supervised_head_params"])
+
+
+@pytest.mark.parametrize("block", [0, 2, 4])
+def test_fine_tune_after_block_freezes_below(block):
+  model = build_model(tiny(fine_tune_after_block=block))
+  frozen_prefixes = ["stem"] + [f"block_group{g}/" for g in range(1, block + 1)]
+
+  def frozen(v):
+    return any(v.path.startswith(p) for p in frozen_prefixes)
+
+  trainable = model.trainable_variables
+  assert trainable and not any(frozen(v) for v in trainable)
+  before = {v.path: v.numpy() for v in model.variables}
+  images = np.random.rand(4, 32, 32, 3).astype("float32")
+  # Watch every variable, frozen ones included, to see that no gradient reaches them.
+  tf_vars = [v.value for v in model.variables]
+  with tf.GradientTape() as tape:
+    tape.watch(tf_vars)
+    out = model(images, training=True)
+    loss = tf.reduce_sum(out["logits_sup"]) + tf.reduce_sum(out["proj_head_output"])
+  grads = tape.gradient(loss, tf_vars)
+  for v, g in zip(model.variables, grads):
+    if frozen(v) and "moving" not in v.path:
+      assert g is None or not np.any(g), v.path
+  for v in model.variables:
+    if "moving" in v.path:
+      changed = not np.array_equal(before[v.path], v.numpy())
+      assert changed != frozen(v), v.path
+  # Unfrozen trunk layers still learn (blocks above the boundary have gradients).
+  if block < 4:
+    above = [g for v, g in zip(model.variables, grads)
+             if v.path.startswith(f"block_group{block + 1}/") and v.trainable]
+    assert above and all(g is not None for g in above)
+
+
+def test_checkpoint_round_trip_in_new_process(tmp_path):
+  cfg = tiny(resnet_depth=18, width_multiplier=0.125, sk_ratio=0.0625, se_ratio=0.25)
+  model = build_model(cfg)
+  # Training-mode calls move BN statistics away from their initial values.
+  for _ in range(2):
+    model(np.random.rand(4, 32, 32, 3).astype("float32"), training=True)
+  tf.train.Checkpoint(model=model).write(str(tmp_path / "ckpt"))
+  np.savez(tmp_path / "expected.npz", **{v.path: v.numpy() for v in model.variables})
+  assert any("moving_mean" in v.path for v in model.variables)
+  script = textwrap.dedent(f"""
+      import numpy as np, tensorflow as tf
+      from tf_simclr.config import ModelConfig
+      from tf_simclr.models.simclr import build_model
+      model = build_model(ModelConfig(**{cfg.__dict__!r}))
+      tf.train.Checkpoint(model=model).read({str(tmp_path / 'ckpt')!r}).assert_consumed()
+      expected = np.load({str(tmp_path / 'expected.npz')!r})
+      assert len(expected.files) == len(model.variables)
+      for v in model.variables:
+        np.testing.assert_array_equal(v.numpy(), expected[v.path], err_msg=v.path)
+      print("restored", len(model.variables))
+  """)
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"restored {len(model.variables)}" in out.stdout
