@@ -12,7 +12,7 @@ import os
 import sys
 
 import tf_simclr  # noqa: F401  (quiets TensorFlow's start-up logging)
-from absl import app, flags
+from absl import app, flags, logging
 
 from tf_simclr.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
 
@@ -88,6 +88,8 @@ flags.DEFINE_integer("checkpoint_epochs", 1, "Checkpoint every this many epochs.
 flags.DEFINE_integer("checkpoint_steps", 0, "Checkpoint every this many steps (overrides epochs).")
 flags.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
 flags.DEFINE_integer("steps_per_loop", 0, "Steps per tf.function call (0: automatic).")
+flags.DEFINE_integer("train_summary_steps", 100,
+                     "Write training summaries about every this many steps (0: never).")
 flags.DEFINE_integer("eval_timeout_secs", 0,
                      "--mode=eval: wait this long for new checkpoints (0: only existing ones).")
 
@@ -110,6 +112,7 @@ flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_
                   "tf.distribute strategy (auto picks from --tpu, TF_CONFIG and devices).")
 flags.DEFINE_integer("num_cpu_replicas", 0, "Split the CPU into this many logical replicas.")
 flags.DEFINE_string("tpu", None, "TPU name or address.")
+flags.DEFINE_alias("tpu_name", "tpu")
 flags.DEFINE_string("tpu_zone", None, "TPU zone.")
 flags.DEFINE_string("gcp_project", None, "GCP project of the TPU.")
 flags.DEFINE_bool("use_tpu", False, "Reference compatibility: same as --strategy=tpu.")
@@ -161,7 +164,8 @@ def validate_flags():
       raise app.UsageError(f"--{name} must be > 0, got {getattr(FLAGS, name)}")
   non_negative = ("train_epochs", "train_steps", "eval_steps", "checkpoint_steps",
                   "checkpoint_epochs", "steps_per_loop", "warmup_epochs", "weight_decay",
-                  "learning_rate", "num_cpu_replicas", "eval_timeout_secs")
+                  "learning_rate", "num_cpu_replicas", "eval_timeout_secs",
+                  "train_summary_steps")
   for name in non_negative:
     if getattr(FLAGS, name) < 0:
       raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
@@ -249,6 +253,8 @@ def load_teacher(strategy, num_classes):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Progress goes to stdout; TFDS's per-call INFO lines would drown it.
+  logging.set_verbosity(logging.WARNING)
   validate_flags()
   # This run's own flags (not absl's): what flags.json records and distill reads back.
   flag_values = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}

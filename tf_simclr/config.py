@@ -103,7 +103,8 @@ class TrainConfig:
   checkpoint_steps: int = 0
   keep_checkpoint_max: int = 5
   steps_per_loop: int = 0   # 0: choose automatically
-  log_every_steps: int = 0  # 0: once per loop
+  # Training summaries at the first loop end after every this many steps (0: none).
+  train_summary_steps: int = 100
   seed: int = 0
   precision: str = "float32"
 

@@ -309,11 +309,13 @@ class Trainer:
         shown = " ".join(f"{k}={v:.4f}" for k, v in values.items())
         log(f"step {step}/{self.total_steps} | {rate:.0f} img/s | lr={lr:.4g} {shown} | "
             f"ETA {format_seconds(eta)}")
-        with writer.as_default(step=step):
-          for name, value in values.items():
-            tf.summary.scalar(f"train/{name}", value)
-          tf.summary.scalar("train/learning_rate", lr)
-          tf.summary.scalar("train/images_per_sec", rate)
+        every = cfg.train_summary_steps
+        if every and (step // every > (step - n) // every or step == self.total_steps):
+          with writer.as_default(step=step):
+            for name, value in values.items():
+              tf.summary.scalar(f"train/{name}", value)
+            tf.summary.scalar("train/learning_rate", lr)
+            tf.summary.scalar("train/images_per_sec", rate)
         for m in self.metrics.values():
           m.reset_state()
         if step % self.checkpoint_every == 0 or step == self.total_steps:
