@@ -1,0 +1,202 @@
+"""Distributed pipelines: shapes, reproducibility (resume, replicas, pipelines), eval coverage."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tf_simclr.config import DataConfig
+from tf_simclr.data import datasets, pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = tf.distribute.get_strategy()
+
+
+def make_folder(root, num_classes=3, per_class=8):
+  rng = np.random.default_rng(0)
+  for c in range(num_classes):
+    os.makedirs(os.path.join(root, f"class{c}"))
+    for i in range(per_class):
+      pixels = rng.integers(0, 256, (12 + i, 14, 3), dtype=np.uint8)
+      tf.io.write_file(os.path.join(root, f"class{c}", f"{i}.png"), tf.io.encode_png(pixels))
+  return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+  return make_folder(str(tmp_path_factory.mktemp("folder") / "imgs"))
+
+
+def indexed(n, size=8):
+  """In-memory examples whose label is their index, so batches show which examples they hold."""
+  rng = np.random.default_rng(1)
+  return datasets.Examples(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                           np.arange(n, dtype=np.int32), "pixels")
+
+
+def batches(ds, n, strategy=DEFAULT):
+  out = []
+  for x, _ in zip(ds, range(n)):
+    out.append({k: np.concatenate([t.numpy() for t in strategy.experimental_local_results(v)])
+                for k, v in x.items()})
+  return out
+
+
+@pytest.mark.parametrize("mode,channels", [("pretrain", 6), ("finetune", 3), ("distill", 3)])
+def test_train_shapes_and_values(folder, mode, channels):
+  cfg = DataConfig(dataset=f"folder:{folder}", image_size=16)
+  (x,) = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, train_mode=mode), 1)
+  assert x["image"].shape == (8, 16, 16, channels) and x["image"].dtype == np.float32
+  assert x["label"].dtype == np.int32 and set(x["label"]) <= {0, 1, 2}
+  assert x["image"].min() >= 0 and x["image"].max() <= 1
+  if mode == "pretrain":
+    assert np.abs(x["image"][..., :3] - x["image"][..., 3:]).max(axis=(1, 2, 3)).min() > 1e-3
+
+
+def test_epochs_are_fresh_permutations():
+  ds = pipeline.train_dataset(indexed(24), DataConfig(image_size=8), global_batch_size=8,
+                              per_replica_batch=8, train_mode="finetune")
+  labels = np.concatenate([b["label"] for b in batches(ds, 6)])
+  first, second = labels[:24], labels[24:]
+  np.testing.assert_array_equal(np.sort(first), np.arange(24))
+  np.testing.assert_array_equal(np.sort(second), np.arange(24))
+  assert not np.array_equal(first, second) and not np.array_equal(first, np.arange(24))
+
+
+def test_resume_at_step_equals_kth_batch(folder):
+  cfg = DataConfig(dataset=f"folder:{folder}", image_size=16, use_blur=True)
+  ref = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8,
+                                             train_mode="pretrain"), 5)
+  resumed = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8,
+                                                 train_mode="pretrain", start_step=3), 2)
+  for a, b in zip(ref[3:], resumed):
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_array_equal(a["image"], b["image"])
+  other_seed = batches(pipeline.build_train_dataset(
+      DEFAULT, DataConfig(dataset=f"folder:{folder}", image_size=16, seed=1),
+      global_batch_size=8, train_mode="pretrain"), 1)
+  assert not np.array_equal(other_seed[0]["image"], ref[0]["image"])
+
+
+def test_input_pipelines_split_each_global_batch():
+  cfg = DataConfig(image_size=8)
+  source = indexed(40)
+  single = batches(pipeline.train_dataset(source, cfg, global_batch_size=8, per_replica_batch=8,
+                                          train_mode="pretrain", start_step=2), 3)
+  shares = [batches(pipeline.train_dataset(source, cfg, global_batch_size=8, per_replica_batch=2,
+                                           train_mode="pretrain", start_step=2,
+                                           num_pipelines=2, pipeline_id=i), 6)
+            for i in range(2)]
+  for step in range(3):
+    # Pipeline i feeds 2 replicas per step; its share is positions 4i .. 4i+3 of the step.
+    parts = [shares[i][2 * step + r] for i in range(2) for r in range(2)]
+    for key in ("image", "label"):
+      np.testing.assert_array_equal(single[step][key], np.concatenate([p[key] for p in parts]))
+
+
+@pytest.mark.parametrize("num_pipelines", [1, 2])
+def test_eval_covers_every_example_once(num_pipelines):
+  source = indexed(37, size=40)
+  seen, masks = [], []
+  for i in range(num_pipelines):
+    ds = pipeline.eval_dataset(source, DataConfig(image_size=35), global_batch_size=8,
+                               per_replica_batch=8 // num_pipelines,
+                               num_pipelines=num_pipelines, pipeline_id=i)
+    for x in batches(ds, 100):
+      assert x["image"].shape == (8 // num_pipelines, 35, 35, 3)
+      seen.append(x["label"][x["mask"] == 1])
+      masks.append(x["mask"])
+  np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(37))
+  assert len(np.concatenate(masks)) == 8 * pipeline.num_eval_steps(37, 8) == 40
+
+
+def test_eval_is_a_deterministic_centre_crop(folder):
+  cfg = DataConfig(dataset=f"folder:{folder}", image_size=36)
+  ds = pipeline.build_eval_dataset(DEFAULT, cfg, global_batch_size=2)
+  a, b = batches(ds, 10), batches(ds, 10)
+  assert len(a) == pipeline.num_eval_steps(datasets.dataset_info(cfg).num_eval_examples, 2)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["image"], y["image"])
+  assert a[-1]["mask"].tolist() == [1.0, 0.0]  # 3 eval images, padded to 4
+
+
+def test_mock_cifar10_pretrain():
+  with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = pipeline.build_train_dataset(DEFAULT, DataConfig(dataset="cifar10", image_size=32,
+                                                          use_blur=False),
+                                      global_batch_size=16, train_mode="pretrain")
+  (x,) = batches(ds, 1)
+  assert x["image"].shape == (16, 32, 32, 6)
+
+
+def test_errors(folder):
+  cfg = DataConfig(dataset=f"folder:{folder}", image_size=16)
+  three = types.SimpleNamespace(num_replicas_in_sync=3)
+  with pytest.raises(ValueError, match="not a positive multiple of the 3 replicas"):
+    pipeline.build_train_dataset(three, cfg, global_batch_size=8, train_mode="pretrain")
+  with pytest.raises(ValueError, match="has 21 examples, fewer than one global batch of 32"):
+    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=32, train_mode="pretrain")
+  with pytest.raises(ValueError, match="train_mode='linear' is not one of"):
+    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, train_mode="linear")
+  with pytest.raises(ValueError, match="subset 'unlabelled' .* has 0 examples"):
+    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, train_mode="distill",
+                                 subset="unlabelled")
+  with pytest.raises(ValueError, match="subset='none' is not one of"):
+    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, train_mode="distill",
+                                 subset="none")
+
+
+_TWO_REPLICAS = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import tensorflow_datasets as tfds
+    from tf_simclr.config import DataConfig
+    from tf_simclr.data import pipeline
+
+    def batches(strategy, ds, n):
+      out = []
+      for x, _ in zip(ds, range(n)):
+        out.append({k: np.concatenate([t.numpy() for t in strategy.experimental_local_results(v)])
+                    for k, v in x.items()})
+      return out
+
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    default = tf.distribute.get_strategy()
+    result = {}
+    for name, cfg in [("files", DataConfig(dataset="folder:" + sys.argv[1], image_size=16,
+                                           use_blur=True, train_label_fraction=0.5)),
+                      ("pixels", DataConfig(dataset="cifar10", image_size=24, use_blur=True))]:
+      streams = []
+      for strategy in (default, mirrored):
+        with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+          ds = pipeline.build_train_dataset(strategy, cfg, global_batch_size=8,
+                                            train_mode="pretrain", start_step=1)
+        streams.append(batches(strategy, ds, 4))
+      result[name] = all(np.array_equal(a[k], b[k]) for a, b in zip(*streams) for k in a)
+    ev = batches(mirrored, pipeline.build_eval_dataset(
+        mirrored, DataConfig(dataset="folder:" + sys.argv[1], image_size=16),
+        global_batch_size=4), 10)
+    result["eval_shapes"] = sorted({x["image"].shape for x in ev})
+    result["eval_real"] = float(sum(x["mask"].sum() for x in ev))
+    print(json.dumps(result))
+""")
+
+
+def test_one_and_two_replicas_give_the_same_global_batches(folder):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
+  run = subprocess.run([sys.executable, "-c", _TWO_REPLICAS, folder], capture_output=True,
+                       text=True, env=env, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(run.stdout.strip().splitlines()[-1])
+  assert result["files"] and result["pixels"]
+  assert result["eval_shapes"] == [[4, 16, 16, 3]] and result["eval_real"] == 3

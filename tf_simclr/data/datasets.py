@@ -1,0 +1,357 @@
+"""Example sources: TFDS builders (with offline Fashion-MNIST), image folders, label subsets.
+
+A split is either held in memory for random access (`Examples`: decoded pixels, encoded
+images or file paths, plus labels), which lets the pipeline address any position of its
+stream directly, or, when too big for memory, streamed from TFDS (`StreamingSplit`).
+"""
+
+import dataclasses
+import functools
+import gzip
+import hashlib
+import logging
+import os
+from typing import Union
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import utils as tfds_utils
+from tensorflow_datasets.core.download import checksums as tfds_checksums
+from tensorflow_datasets.image_classification import mnist as tfds_mnist
+
+from tf_simclr.config import DataConfig
+
+FOLDER_PREFIX = "folder:"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# Held-out share of each class when a folder has no train/ and val/ subfolders. Its seed
+# is fixed (not cfg.seed) so that every run evaluates on the same images.
+FOLDER_EVAL_FRACTION = 0.1
+FOLDER_SPLIT_SEED = 0
+# Splits up to this size are loaded into memory (exact, random-access stream).
+IN_MEMORY_BYTES = 2 << 30
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# SHA-256 of the DECOMPRESSED files of Debian's dataset-fashion-mnist. Debian recompressed
+# the archives (no file name in the gzip header, another mtime), so the .gz checksums TFDS
+# registered cannot match; the content is what is checked instead.
+_FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+_APT_HINT = "install them with `apt-get install dataset-fashion-mnist`"
+
+SUBSETS = ("labelled", "all", "unlabelled")
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train_examples: int      # whole training split
+  num_labelled_examples: int   # class-balanced label-fraction subset (whole split at 1.0)
+  num_eval_examples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Examples:
+  """A split in memory. `kind` says what `images` holds:
+
+  "pixels": uint8 [N, H, W, C]; "encoded": JPEG/PNG bytes [N]; "files": paths [N].
+  """
+  images: np.ndarray
+  labels: np.ndarray  # int32 [N]
+  kind: str
+
+  def __len__(self):
+    return len(self.labels)
+
+  def take(self, indices):
+    return Examples(self.images[indices], self.labels[indices], self.kind)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingSplit:
+  """A TFDS split too big for memory, read as a file-shuffled stream."""
+  builder: tfds.core.DatasetBuilder
+  split: str
+  num_examples: int
+
+
+Source = Union[Examples, StreamingSplit]
+
+
+def validate(cfg: DataConfig):
+  """Raises ValueError (one line) for settings that are wrong whatever the data."""
+  if cfg.image_size < 8:
+    raise ValueError(f"image_size must be >= 8, got {cfg.image_size}")
+  if not 0 < cfg.train_label_fraction <= 1:
+    raise ValueError(f"train_label_fraction must be in (0, 1], got {cfg.train_label_fraction}")
+
+
+def is_folder(cfg: DataConfig) -> bool:
+  return cfg.dataset.startswith(FOLDER_PREFIX)
+
+
+def dataset_info(cfg: DataConfig) -> DatasetInfo:
+  """Sizes of the splits; reads labels only when train_label_fraction < 1."""
+  validate(cfg)
+  if is_folder(cfg):
+    train, evaluation, classes = _folder_splits(cfg)
+    num_train, num_eval, labels = len(train), len(evaluation), train.labels
+    num_classes = len(classes)
+  else:
+    builder = tfds_builder(cfg)
+    num_classes = builder.info.features["label"].num_classes
+    num_train = _num_examples(builder, cfg.train_split)
+    num_eval = _num_examples(builder, cfg.eval_split)
+    labels = None
+    if cfg.train_label_fraction < 1:
+      _require_in_memory(builder, cfg, "train_label_fraction < 1")
+      labels = _tfds_labels(builder, cfg.train_split)
+  num_labelled = num_train
+  if cfg.train_label_fraction < 1:
+    num_labelled = len(labelled_indices(labels, cfg.train_label_fraction, cfg.seed))
+  return DatasetInfo(num_classes, num_train, num_labelled, num_eval)
+
+
+def load_train(cfg: DataConfig, subset: str = "labelled") -> Source:
+  """The training examples of `subset` ("labelled", "all" or "unlabelled")."""
+  validate(cfg)
+  if subset not in SUBSETS:
+    raise ValueError(f"subset={subset!r} is not one of {SUBSETS}")
+  if is_folder(cfg):
+    examples = _folder_splits(cfg)[0]
+  else:
+    builder = tfds_builder(cfg)
+    if not _fits_in_memory(builder, cfg, cfg.train_split):
+      if subset != "all" and cfg.train_label_fraction < 1:
+        _require_in_memory(builder, cfg, f"subset={subset!r} with train_label_fraction < 1")
+      num = _num_examples(builder, cfg.train_split)
+      return StreamingSplit(builder, cfg.train_split, 0 if subset == "unlabelled" else num)
+    examples = _tfds_examples(builder, cfg.train_split)
+  if subset == "all":
+    return examples
+  return examples.take(subset_indices(examples.labels, cfg.train_label_fraction, cfg.seed, subset))
+
+
+def load_eval(cfg: DataConfig) -> Source:
+  validate(cfg)
+  if is_folder(cfg):
+    return _folder_splits(cfg)[1]
+  builder = tfds_builder(cfg)
+  if not _fits_in_memory(builder, cfg, cfg.eval_split):
+    return StreamingSplit(builder, cfg.eval_split, _num_examples(builder, cfg.eval_split))
+  return _tfds_examples(builder, cfg.eval_split)
+
+
+# ----------------------------------------------------------------------------------------
+# Label-fraction subsets.
+
+def labelled_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Sorted indices of a class-balanced subset: round(fraction * n_c) (at least 1) per class.
+
+  Each class draws from its own generator seeded by (seed, class), so a class's choice does
+  not depend on the other classes, and the result is identical in every process.
+  """
+  labels = np.asarray(labels)
+  if fraction >= 1:
+    return np.arange(len(labels))
+  chosen = []
+  for c in np.unique(labels):
+    members = np.flatnonzero(labels == c)
+    k = min(len(members), max(1, int(round(fraction * len(members)))))
+    rng = np.random.default_rng([seed, int(c) & 0xFFFFFFFF])
+    chosen.append(members[rng.permutation(len(members))[:k]])
+  return np.sort(np.concatenate(chosen))
+
+
+def subset_indices(labels: np.ndarray, fraction: float, seed: int, subset: str) -> np.ndarray:
+  labelled = labelled_indices(labels, fraction, seed)
+  if subset == "labelled":
+    return labelled
+  if subset == "unlabelled":
+    return np.setdiff1d(np.arange(len(labels)), labelled)
+  return np.arange(len(labels))
+
+
+# ----------------------------------------------------------------------------------------
+# TFDS.
+
+def tfds_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+  """The prepared builder of cfg.dataset (downloads it, or for fashion_mnist uses Debian's files)."""
+  try:
+    builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
+  except ValueError as e:  # DatasetNotFoundError and unknown configs are ValueErrors
+    first = str(e).splitlines()[0]
+    raise ValueError(f"unknown dataset {cfg.dataset!r}: not a TFDS builder nor "
+                     f"'{FOLDER_PREFIX}/path' ({first})") from None
+  features = builder.info.features
+  if ("image" not in features or "label" not in features
+      or not isinstance(features["label"], tfds.features.ClassLabel)):
+    raise ValueError(f"dataset {cfg.dataset!r} has no 'image' and class 'label' features")
+  if not builder.is_prepared():
+    if builder.name == "fashion_mnist":
+      _prepare_fashion_mnist(builder)
+    else:
+      builder.download_and_prepare()
+  return builder
+
+
+def _num_examples(builder, split: str) -> int:
+  splits = builder.info.splits
+  if not splits:  # TFDS mock data (MockPolicy.USE_CODE) knows no splits
+    return int(builder.as_dataset(split=split).cardinality())
+  try:
+    return splits[split].num_examples
+  except (KeyError, ValueError):
+    raise ValueError(f"dataset {builder.name!r} has no split {split!r} "
+                     f"(splits: {', '.join(sorted(splits))})") from None
+
+
+def _fits_in_memory(builder, cfg: DataConfig, split: str) -> bool:
+  if cfg.cache_dataset or not builder.info.splits:
+    return True
+  shape = builder.info.features["image"].shape
+  if None not in shape:
+    size = _num_examples(builder, split) * int(np.prod(shape))
+  else:
+    size = builder.info.splits[split].num_bytes
+  return size <= IN_MEMORY_BYTES
+
+
+def _require_in_memory(builder, cfg: DataConfig, what: str):
+  if not _fits_in_memory(builder, cfg, cfg.train_split):
+    raise ValueError(f"{what} needs {builder.name}:{cfg.train_split} in memory; set "
+                     "cache_dataset=True or use a prepared subset (e.g. imagenet2012_subset/1pct)")
+
+
+def _tfds_examples(builder, split: str) -> Examples:
+  num = _num_examples(builder, split)
+  fixed = None not in builder.info.features["image"].shape
+  decoders = None if fixed else {"image": tfds.decode.SkipDecoding()}
+  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
+  # One batch of the whole split (batch_size=-1 needs split metadata, absent in mock data).
+  data = next(iter(tfds.as_numpy(ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+                                 .batch(num))))
+  return Examples(data["image"], data["label"].astype(np.int32), "pixels" if fixed else "encoded")
+
+
+def _tfds_labels(builder, split: str) -> np.ndarray:
+  _num_examples(builder, split)
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  ds = ds.map(lambda ex: ex["label"]).batch(65536)
+  return np.concatenate(list(tfds.as_numpy(ds))).astype(np.int32)
+
+
+class _LocalFashionMNIST(tfds_mnist.FashionMNIST, skip_registration=True):
+  """TFDS's own Fashion-MNIST builder, expecting the checksums of the Debian archives.
+
+  Only the expected archive checksums differ, and only after the archives' decompressed
+  content was verified, so TFDS still checks that it reads exactly the verified files.
+  The prepared data lands where `tfds.builder("fashion_mnist")` reads it.
+  """
+  name = "fashion_mnist"
+
+  @tfds_utils.classproperty
+  @classmethod
+  def url_infos(cls):
+    return {url: tfds_checksums.compute_url_info(os.path.join(FASHION_MNIST_DIR, os.path.basename(url)))
+            for url in tfds_mnist.FashionMNIST.url_infos}
+
+
+def _prepare_fashion_mnist(builder):
+  if all(os.path.exists(os.path.join(FASHION_MNIST_DIR, f)) for f in _FASHION_MNIST_SHA256):
+    for name, expected in _FASHION_MNIST_SHA256.items():
+      with gzip.open(os.path.join(FASHION_MNIST_DIR, name), "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+      if digest != expected:
+        raise RuntimeError(f"{FASHION_MNIST_DIR}/{name} does not hold the Fashion-MNIST content "
+                           f"(sha256 {digest}); reinstall the package: {_APT_HINT}")
+    local = _LocalFashionMNIST(data_dir=builder.data_dir_root)
+    local.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=FASHION_MNIST_DIR))
+    return
+  try:
+    builder.download_and_prepare()
+  except Exception as e:  # any download failure: offline is the common case here
+    raise RuntimeError(f"fashion_mnist: no files in {FASHION_MNIST_DIR} and the download failed "
+                       f"({type(e).__name__}); {_APT_HINT}") from e
+
+
+# ----------------------------------------------------------------------------------------
+# Image folders.
+
+def _folder_splits(cfg: DataConfig):
+  """(train Examples, eval Examples, class names) of a folder dataset."""
+  root = os.path.expanduser(cfg.dataset[len(FOLDER_PREFIX):])
+  if not os.path.isdir(root):
+    raise ValueError(f"image folder {root!r} does not exist")
+  eval_dir = next((os.path.join(root, d) for d in ("val", "validation")
+                   if os.path.isdir(os.path.join(root, d))), None)
+  train_dir = os.path.join(root, "train")
+  if os.path.isdir(train_dir) and eval_dir:
+    classes = _class_names(train_dir)
+    train = _folder_examples(train_dir, classes)
+    evaluation = _folder_examples(eval_dir, classes)
+    if not len(evaluation):
+      raise ValueError(f"image folder {eval_dir!r} holds no readable JPEG/PNG images")
+    return train, evaluation, classes
+  classes = _class_names(root)
+  everything = _folder_examples(root, classes)
+  held_out = labelled_indices(everything.labels, FOLDER_EVAL_FRACTION, FOLDER_SPLIT_SEED)
+  kept = np.setdiff1d(np.arange(len(everything)), held_out)
+  return everything.take(kept), everything.take(held_out), classes
+
+
+def _class_names(directory):
+  classes = sorted(d for d in os.listdir(directory) if os.path.isdir(os.path.join(directory, d)))
+  if not classes:
+    raise ValueError(f"image folder {directory!r} has no class subfolders")
+  return classes
+
+
+def _folder_examples(directory, classes) -> Examples:
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    class_dir = os.path.join(directory, name)
+    if not os.path.isdir(class_dir):
+      continue
+    for dirpath, _, files in sorted(os.walk(class_dir)):
+      for f in sorted(files):
+        if f.lower().endswith(IMAGE_EXTENSIONS):
+          paths.append(os.path.join(dirpath, f))
+          labels.append(label)
+  if not paths:
+    raise ValueError(f"image folder {directory!r} holds no JPEG/PNG images")
+  ok = _decodable(tuple((p, os.path.getsize(p), os.path.getmtime(p)) for p in paths))
+  bad = [p for p, good in zip(paths, ok) if not good]
+  if bad:
+    logging.warning("skipping %d undecodable image(s) under %s: %s", len(bad), directory,
+                    ", ".join(bad))
+  if len(bad) == len(paths):
+    raise ValueError(f"image folder {directory!r} holds no readable JPEG/PNG images")
+  return Examples(np.array(paths)[ok], np.array(labels, np.int32)[ok], "files")
+
+
+@functools.lru_cache(maxsize=16)
+def _decodable(files) -> np.ndarray:
+  """Decodes every file once (in parallel) so that a bad one never fails an epoch."""
+  paths = [f[0] for f in files]
+  ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), paths))
+  ds = ds.map(lambda i, p: (i, tf.shape(decode_image(tf.io.read_file(p)))),
+              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.ignore_errors().map(lambda i, _: i).batch(4096)
+  ok = np.zeros(len(paths), bool)
+  for good in ds.as_numpy_iterator():
+    ok[good] = True
+  return ok
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+  """JPEG/PNG bytes -> uint8 [H, W, 3] (grayscale and alpha converted)."""
+  image = tf.io.decode_image(data, channels=3, expand_animations=False)
+  image.set_shape([None, None, 3])
+  return image

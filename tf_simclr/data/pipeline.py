@@ -1,0 +1,280 @@
+"""Per-replica tf.data pipelines for a tf.distribute strategy.
+
+In-memory sources give an exactly reproducible stream. Training consumes example
+positions p = 0, 1, 2, ...; position p is example `index_shuffle(p mod N, seed=(seed, p div N))`
+of the subset (a fresh permutation per epoch, computed without materialising it), and
+every random number of its augmentation is read from one Philox stream at an offset
+derived from p. Global step s covers positions s*B .. (s+1)*B - 1 whatever the number of
+replicas or input pipelines: pipeline i of P emits, for each step, the per-replica batches
+of its contiguous share, in replica order. Resuming at `start_step` starts the stream at
+position start_step*B, at no cost.
+
+Sources too big for memory are streamed from TFDS (file-shuffled, shuffle buffer, sharded
+by input pipeline); see docs/DATA.md for what is then not reproducible.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from tf_simclr.config import DataConfig, TRAIN_MODES
+from tf_simclr.data import augment, datasets
+
+# Philox counters: training augmentation draws and the streaming fallback's draws use
+# different high words so that they never overlap.
+_TRAIN_STREAM = 0
+_STREAMING_STREAM = 1
+# The reference's shuffle buffer for streamed data, in per-replica batches.
+_SHUFFLE_BATCHES_SMALL, _SHUFFLE_BATCHES_LARGE = 50, 10
+# Small images are evaluated uncropped, as in the reference (its CIFAR setting).
+_EVAL_CROP_MIN_SIZE = 33
+
+
+def build_train_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, train_mode: str,
+                        subset: str = "labelled", start_step: int = 0):
+  """Infinite distributed stream of {"image": [b, S, S, 3V], "label": [b]} per replica.
+
+  V = 2 views concatenated on channels for "pretrain", 1 (crop + flip only) otherwise.
+  """
+  if train_mode not in TRAIN_MODES:
+    raise ValueError(f"train_mode={train_mode!r} is not one of {TRAIN_MODES}")
+  _check_batch(strategy, global_batch_size)
+  if start_step < 0:
+    raise ValueError(f"start_step must be >= 0, got {start_step}")
+  source = datasets.load_train(cfg, subset)
+  num = len(source) if isinstance(source, datasets.Examples) else source.num_examples
+  if num < global_batch_size:
+    raise ValueError(f"subset {subset!r} of {cfg.dataset}:{cfg.train_split} has {num} examples, "
+                     f"fewer than one global batch of {global_batch_size}")
+
+  def input_fn(ctx):
+    return train_dataset(source, cfg, global_batch_size=global_batch_size,
+                         train_mode=train_mode, start_step=start_step,
+                         num_pipelines=ctx.num_input_pipelines, pipeline_id=ctx.input_pipeline_id,
+                         per_replica_batch=ctx.get_per_replica_batch_size(global_batch_size))
+
+  return strategy.distribute_datasets_from_function(input_fn)
+
+
+def build_eval_dataset(strategy, cfg: DataConfig, *, global_batch_size: int):
+  """Finite distributed stream of {"image", "label", "mask"}: every eval example once.
+
+  The last global batch is padded (mask 0) so every per-replica batch has the same size.
+  """
+  _check_batch(strategy, global_batch_size)
+  source = datasets.load_eval(cfg)
+
+  def input_fn(ctx):
+    return eval_dataset(source, cfg, global_batch_size=global_batch_size,
+                        num_pipelines=ctx.num_input_pipelines, pipeline_id=ctx.input_pipeline_id,
+                        per_replica_batch=ctx.get_per_replica_batch_size(global_batch_size))
+
+  return strategy.distribute_datasets_from_function(input_fn)
+
+
+def num_eval_steps(num_eval_examples: int, global_batch_size: int) -> int:
+  return math.ceil(num_eval_examples / global_batch_size)
+
+
+def _check_batch(strategy, global_batch_size):
+  replicas = strategy.num_replicas_in_sync
+  if global_batch_size <= 0 or global_batch_size % replicas:
+    raise ValueError(f"global batch size {global_batch_size} is not a positive multiple of the "
+                     f"{replicas} replicas")
+
+
+# ----------------------------------------------------------------------------------------
+# One input pipeline.
+
+def train_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_batch, train_mode,
+                  start_step=0, num_pipelines=1, pipeline_id=0) -> tf.data.Dataset:
+  """The per-replica batches one input pipeline feeds to its replicas, in replica order."""
+  views = 2 if train_mode == "pretrain" else 1
+  finish = _photometric_fn(cfg, train_mode, views)
+  if isinstance(source, datasets.StreamingSplit):
+    ds = _streaming_train(source, cfg, per_replica_batch, views, start_step * global_batch_size,
+                          num_pipelines, pipeline_id)
+  else:
+    positions = _positions(per_replica_batch, global_batch_size, num_pipelines, pipeline_id,
+                           start_step)
+    ds = _examples_at(source, positions, per_replica_batch, cfg, views,
+                      _train_lookup(len(source), cfg.seed),
+                      lambda u, h, w: _view_boxes(u, h, w, views))
+  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_batch,
+                 num_pipelines=1, pipeline_id=0) -> tf.data.Dataset:
+  crop = cfg.image_size >= _EVAL_CROP_MIN_SIZE
+
+  def boxes(u, h, w):
+    del u
+    if crop:
+      return augment.center_crop_boxes(h, w)
+    return tf.stack([tf.zeros_like(h), tf.zeros_like(h), tf.ones_like(h), tf.ones_like(h)], 1)
+
+  num = len(source) if isinstance(source, datasets.Examples) else source.num_examples
+  steps = num_eval_steps(num, global_batch_size)
+  if isinstance(source, datasets.StreamingSplit):
+    ds = _streaming_eval(source, cfg, per_replica_batch, global_batch_size, steps,
+                         num_pipelines, pipeline_id, boxes)
+  else:
+    replicas_here = global_batch_size // per_replica_batch // num_pipelines
+    positions = _positions(per_replica_batch, global_batch_size, num_pipelines, pipeline_id, 0)
+    positions = positions.take(steps * replicas_here)
+
+    def lookup(p):
+      return tf.minimum(p, num - 1), tf.cast(p < num, tf.float32)
+
+    ds = _examples_at(source, positions, per_replica_batch, cfg, 1, lookup, boxes)
+  ds = ds.map(lambda ex: {"image": ex["image"][:, 0], "label": ex["label"], "mask": ex["mask"]})
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _positions(b, global_batch, num_pipelines, pipeline_id, start_step):
+  """[b] consecutive stream positions of each per-replica batch this pipeline emits."""
+  replicas_here = global_batch // b // num_pipelines
+
+  def first(k):
+    step = start_step + k // replicas_here
+    return step * global_batch + pipeline_id * replicas_here * b + (k % replicas_here) * b
+
+  return tf.data.Dataset.range(np.iinfo(np.int64).max).map(
+      lambda k: first(k) + tf.range(b, dtype=tf.int64))
+
+
+def _train_lookup(num, seed):
+  """Position -> (example index, 1): a fresh seeded permutation per epoch."""
+  def lookup(p):
+    epoch = p // num
+    seeds = tf.stack([tf.fill(tf.shape(p), tf.constant(seed, tf.int64)), epoch,
+                      tf.zeros_like(p)], axis=-1)
+    index = tf.raw_ops.RandomIndexShuffle(index=p % num, seed=seeds,
+                                          max_index=tf.constant(num - 1, tf.int64))
+    return index, tf.ones(tf.shape(p), tf.float32)
+  return lookup
+
+
+def _draws(seed, first_position, count, width, stream=_TRAIN_STREAM):
+  """[count, width] uniforms of positions first_position .. + count - 1.
+
+  Position p owns numbers [p*width, (p+1)*width) of one Philox stream (width is a multiple
+  of 4, Philox's output per counter step), so its numbers do not depend on the batch it is in.
+  """
+  counter = tf.stack([tf.cast(first_position * (width // 4), tf.uint64), tf.constant(stream, tf.uint64)])
+  u = tf.raw_ops.StatelessRandomUniformV2(
+      shape=[count * width], key=tf.constant([seed % 2**64], tf.uint64), counter=counter,
+      alg=1, dtype=tf.float32)
+  return tf.reshape(u, [count, width])
+
+
+def _view_boxes(u, height, width, views):
+  """[n*V, 4] crop+flip boxes, example-major, from u [n, V*K]."""
+  u = tf.reshape(u, [-1, augment.DRAWS_PER_VIEW])
+  return augment.geometric_boxes(u, tf.repeat(height, views), tf.repeat(width, views))
+
+
+def _examples_at(source, positions, b, cfg, views, lookup, boxes_fn):
+  """Per-replica batches {"image": [b, V, S, S, 3], "label", "mask", "u": [b*V, K]}."""
+  size = cfg.image_size
+  width = augment.DRAWS_PER_VIEW * views
+  labels = tf.constant(source.labels)
+  images = tf.constant(source.images)
+
+  if source.kind == "pixels":
+    h, w = (float(d) for d in source.images.shape[1:3])
+
+    def batch_fn(pos):
+      index, mask = lookup(pos)
+      u = _draws(cfg.seed, pos[0], b, width)
+      hs, ws = tf.fill([b], h), tf.fill([b], w)
+      boxes = boxes_fn(u, hs, ws)
+      crops = augment.crop_and_resize(tf.gather(images, index), boxes, size,
+                                      tf.repeat(tf.range(b), views))
+      return {"image": tf.reshape(crops, [b, views, size, size, 3]),
+              "label": tf.gather(labels, index), "mask": mask,
+              "u": tf.reshape(u, [b * views, augment.DRAWS_PER_VIEW])}
+
+    return positions.map(batch_fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def example_fn(p):
+    index, mask = lookup(p)
+    data = images[index]
+    image = datasets.decode_image(tf.io.read_file(data) if source.kind == "files" else data)
+    u = _draws(cfg.seed, p, 1, width)
+    shape = tf.cast(tf.shape(image), tf.float32)
+    crops = augment.crop_and_resize(image[None], boxes_fn(u, shape[0:1], shape[1:2]), size,
+                                    tf.zeros([views], tf.int32))
+    return {"image": crops, "label": labels[index], "mask": mask,
+            "u": tf.reshape(u, [views, augment.DRAWS_PER_VIEW])}
+
+  ds = positions.unbatch().map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(b, drop_remainder=True)
+  return ds.map(lambda ex: {**ex, "u": tf.reshape(ex["u"], [b * views, augment.DRAWS_PER_VIEW])})
+
+
+def _photometric_fn(cfg, train_mode, views):
+  """Batched colour distortion (pretrain only) and the final [b, S, S, 3V] layout."""
+  def finish(ex):
+    x = ex["image"]
+    b, size = tf.shape(x)[0], x.shape[2]
+    if train_mode == "pretrain":
+      flat = tf.reshape(x, [-1, size, size, 3])
+      flat = augment.photometric(flat, ex["u"], color_jitter_strength=cfg.color_jitter_strength,
+                                 use_blur=cfg.use_blur)
+      x = tf.reshape(flat, [b, views, size, size, 3])
+    # Views side by side on channels: view v is channels 3v .. 3v+2.
+    x = tf.reshape(tf.transpose(x, [0, 2, 3, 1, 4]), [b, size, size, 3 * views])
+    return {"image": x, "label": tf.cast(ex["label"], tf.int32)}
+  return finish
+
+
+# ----------------------------------------------------------------------------------------
+# Streaming fallback (TFDS splits too big for memory).
+
+def _decode_crop(cfg, views, boxes_fn):
+  def fn(ex, p):
+    image = datasets.decode_image(ex["image"])
+    u = _draws(cfg.seed, p, 1, augment.DRAWS_PER_VIEW * views, _STREAMING_STREAM)
+    shape = tf.cast(tf.shape(image), tf.float32)
+    crops = augment.crop_and_resize(image[None], boxes_fn(u, shape[0:1], shape[1:2]),
+                                    cfg.image_size, tf.zeros([views], tf.int32))
+    return {"image": crops, "label": tf.cast(ex["label"], tf.int32),
+            "u": tf.reshape(u, [views, augment.DRAWS_PER_VIEW])}
+  return fn
+
+
+def _streaming_train(source, cfg, b, views, first_position, num_pipelines, pipeline_id):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  ctx = tf.distribute.InputContext(num_pipelines, pipeline_id)
+  ds = source.builder.as_dataset(
+      split=source.split, shuffle_files=True, decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(input_context=ctx, shuffle_seed=cfg.seed,
+                                  interleave_cycle_length=16, interleave_block_length=1))
+  buffer = _SHUFFLE_BATCHES_SMALL if cfg.image_size <= 32 else _SHUFFLE_BATCHES_LARGE
+  ds = ds.shuffle(b * buffer, seed=cfg.seed).repeat()
+  # Positions interleave the pipelines, so no two pipelines share augmentation draws.
+  ds = ds.enumerate().map(lambda i, ex: (ex, first_position + i * num_pipelines + pipeline_id))
+  ds = ds.map(_decode_crop(cfg, views, lambda u, h, w: _view_boxes(u, h, w, views)),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = ds.batch(b, drop_remainder=True)
+  return ds.map(lambda ex: {**ex, "u": tf.reshape(ex["u"], [b * views, augment.DRAWS_PER_VIEW])})
+
+
+def _streaming_eval(source, cfg, b, global_batch, steps, num_pipelines, pipeline_id, boxes_fn):
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  ds = source.builder.as_dataset(split=source.split, shuffle_files=False,
+                                 decoders={"image": tfds.decode.SkipDecoding()})
+  ds = ds.enumerate().map(lambda i, ex: (ex, i))
+  ds = ds.map(_decode_crop(cfg, 1, boxes_fn), num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"], "mask": tf.constant(1.0)})
+  size = cfg.image_size
+  pad = {"image": tf.zeros([1, size, size, 3]), "label": tf.constant(0, tf.int32),
+         "mask": tf.constant(0.0)}
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(steps * global_batch - source.num_examples))
+  # Every pipeline reads the whole split and keeps its replicas' batches of each step.
+  replicas_here = global_batch // b // num_pipelines
+  ds = ds.batch(b, drop_remainder=True).batch(replicas_here).shard(num_pipelines, pipeline_id)
+  return ds.unbatch()
