@@ -251,6 +251,17 @@ def load_teacher(strategy, num_classes):
 
 
 def main(argv):
+  from tf_simclr.train import checkpoints, loop
+  try:
+    run(argv)
+  except (checkpoints.ArchitectureMismatchError, FileNotFoundError) as e:
+    raise app.UsageError(str(e))
+  except (loop.NonFiniteLossError, loop.Interrupted) as e:
+    print(f"run.py: {e}", file=sys.stderr, flush=True)
+    sys.exit(2 if isinstance(e, loop.NonFiniteLossError) else 3)
+
+
+def run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   # Progress goes to stdout; TFDS's per-call INFO lines would drown it.
@@ -278,7 +289,7 @@ def main(argv):
   data_cfg = data_config()
   try:
     info = datasets.dataset_info(data_cfg)
-  except (ValueError, FileNotFoundError) as e:
+  except ValueError as e:
     raise app.UsageError(str(e))
   is_chief = strategy_lib.is_chief(strategy)
   if is_chief:
@@ -292,7 +303,10 @@ def main(argv):
                                 distill_temperature=FLAGS.distill_temperature,
                                 distill_alpha=FLAGS.distill_alpha),
       is_chief=is_chief)
-  trainer = loop.Trainer(spec, teacher=teacher)
+  try:
+    trainer = loop.Trainer(spec, teacher=teacher)
+  except ValueError as e:  # batch sizes that do not fit the data or the replicas
+    raise app.UsageError(str(e))
 
   if FLAGS.mode in ("train", "train_then_eval"):
     step = trainer.restore_or_initialize()
@@ -303,18 +317,29 @@ def main(argv):
     if FLAGS.mode == "train_then_eval":
       trainer.evaluate()
   elif FLAGS.mode == "eval":
-    evaluated = set()
-    for prefix in tf.train.checkpoints_iterator(FLAGS.model_dir, min_interval_secs=1,
-                                                timeout=FLAGS.eval_timeout_secs or 1):
-      if prefix in evaluated:
-        continue
-      evaluated.add(prefix)
-      result = trainer.evaluate(prefix)
-      if result["global_step"] >= trainer.total_steps:
-        break
-    if not evaluated:
-      raise app.UsageError(f"no checkpoint to evaluate in --model_dir={FLAGS.model_dir}")
+    evaluate_checkpoints(trainer, FLAGS.model_dir, FLAGS.eval_timeout_secs)
 
+
+def evaluate_checkpoints(trainer, model_dir, timeout_secs):
+  """Evaluates every checkpoint of model_dir in step order, then (with a timeout) each new one
+  until the final step, like the reference's eval mode."""
+  import tensorflow as tf
+  state = tf.train.get_checkpoint_state(model_dir)
+  pending = list(state.all_model_checkpoint_paths) if state else []
+  if not pending and not timeout_secs:
+    raise app.UsageError(f"no checkpoint to evaluate in --model_dir={model_dir}")
+  evaluated = set()
+  step = -1
+  for prefix in pending:
+    step = trainer.evaluate(prefix)["global_step"]
+    evaluated.add(prefix)
+  if timeout_secs and step < trainer.total_steps:
+    for prefix in tf.train.checkpoints_iterator(model_dir, min_interval_secs=1,
+                                                timeout=timeout_secs):
+      if prefix not in evaluated:
+        evaluated.add(prefix)
+        if trainer.evaluate(prefix)["global_step"] >= trainer.total_steps:
+          break
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("model_dir")

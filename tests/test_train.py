@@ -1,0 +1,146 @@
+"""run.py end to end on real Fashion-MNIST (tiny model, few steps): pretrain, finetune,
+distill, eval, checkpoints, resume, result.json, and one-line errors for bad flags."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--dataset=fashion_mnist", "--train_split=train[:2048]", "--eval_split=test[:512]",
+        "--image_size=16", "--resnet_depth=10", "--width_multiplier=0.125",
+        "--proj_out_dim=16", "--global_bn=false", "--cache_dataset=true",
+        "--train_batch_size=64", "--eval_batch_size=128", "--steps_per_loop=2", "--seed=1"]
+
+
+def run(*args, check=True):
+  out = subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *TINY, *args],
+                       cwd=ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+  if check:
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  return out
+
+
+def result(model_dir):
+  with open(os.path.join(model_dir, "result.json")) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp("pretrain"))
+  out = run("--train_mode=pretrain", "--mode=train_then_eval", "--train_steps=6",
+            "--checkpoint_steps=3", "--learning_rate=0.5", "--warmup_epochs=0",
+            f"--model_dir={model_dir}")
+  return model_dir, out
+
+
+def test_pretrain_writes_checkpoints_results_and_summaries(pretrained):
+  model_dir, out = pretrained
+  assert "step 6/6" in out.stdout and "img/s" in out.stdout and "ETA" in out.stdout
+  assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-6")
+  assert os.path.exists(os.path.join(model_dir, "ckpt-3.index"))
+  res = result(model_dir)
+  assert res["global_step"] == 6
+  assert 0 <= res["eval/label_top_1_accuracy"] <= res["eval/label_top_5_accuracy"] <= 1
+  assert res["eval/num_examples"] == 512
+  with open(os.path.join(model_dir, "result_6.json")) as f:
+    assert json.load(f) == res
+  with open(os.path.join(model_dir, "flags.json")) as f:
+    saved = json.load(f)
+  assert saved["train_mode"] == "pretrain" and saved["resnet_depth"] == 10
+  assert tf.io.gfile.glob(os.path.join(model_dir, "train", "events.out.tfevents.*"))
+
+
+def test_finetune_from_pretrained_then_distill(pretrained, tmp_path):
+  pretrain_dir, _ = pretrained
+  finetune_dir = str(tmp_path / "finetune")
+  out = run("--train_mode=finetune", "--mode=train_then_eval", "--train_steps=4",
+            "--train_label_fraction=0.1", "--train_batch_size=32", "--ft_proj_selector=1",
+            "--zero_init_logits_layer=true", f"--checkpoint={pretrain_dir}",
+            "--optimizer=momentum", "--learning_rate=0.1", f"--model_dir={finetune_dir}")
+  assert "Initialised resnet, projection_head from" in out.stdout
+  # 10% of each class of the 2048 training images, rounded per class.
+  examples = int(re.search(r"\((\d+) examples, batch 32", out.stdout).group(1))
+  assert 195 <= examples <= 215
+  assert result(finetune_dir)["global_step"] == 4
+
+  distill_dir = str(tmp_path / "distill")
+  out = run("--train_mode=distill", "--mode=train_then_eval", "--train_steps=4",
+            f"--teacher_checkpoint={finetune_dir}", "--ft_proj_selector=1",
+            f"--model_dir={distill_dir}")
+  assert "Teacher: ResNet-10" in out.stdout
+  res = result(distill_dir)
+  assert 0 <= res["eval/teacher_student_agreement"] <= 1
+  # The teacher is the fine-tuned model, evaluated on the same split.
+  assert res["eval/teacher_top_1_accuracy"] == pytest.approx(
+      result(finetune_dir)["eval/label_top_1_accuracy"], abs=1e-6)
+
+
+def test_eval_mode_evaluates_every_checkpoint(pretrained, tmp_path):
+  model_dir, _ = pretrained
+  out = run("--train_mode=pretrain", "--mode=eval", "--train_steps=6",
+            f"--model_dir={model_dir}")
+  assert "eval at step 3" in out.stdout and "eval at step 6" in out.stdout
+
+
+def test_resume_continues_from_last_checkpoint(tmp_path):
+  model_dir = str(tmp_path / "run")
+  common = ["--train_mode=pretrain", "--train_steps=4", "--checkpoint_steps=2",
+            "--deterministic", f"--model_dir={model_dir}"]
+  run(*common)
+  final = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
+  # Start again from the step-2 checkpoint, as after a crash between 2 and 4.
+  for name in tf.io.gfile.glob(os.path.join(model_dir, "ckpt-4*")):
+    tf.io.gfile.remove(name)
+  with open(os.path.join(model_dir, "checkpoint"), "w") as f:
+    f.write('model_checkpoint_path: "ckpt-2"\nall_model_checkpoint_paths: "ckpt-2"\n')
+  out = run(*common)
+  assert "Resumed from" in out.stdout and "at step 2" in out.stdout
+  resumed = tf.train.load_checkpoint(tf.train.latest_checkpoint(model_dir))
+  keys = [k for k in final.get_variable_to_shape_map() if k.endswith("VARIABLE_VALUE")]
+  assert len(keys) > 50
+  for key in keys:
+    np.testing.assert_array_equal(final.get_tensor(key), resumed.get_tensor(key), err_msg=key)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ft_proj_selector=4"], "ft_proj_selector=4 must be in 0..3"),
+    (["--fine_tune_after_block=5", "--train_mode=finetune"],
+     "fine_tune_after_block=5 must be in -1..4"),
+    (["--train_batch_size=0"], "--train_batch_size must be > 0"),
+    (["--num_cpu_replicas=3"], "not divisible by --num_cpu_replicas=3"),
+    (["--train_label_fraction=1.5"], "--train_label_fraction must be in (0, 1]"),
+    (["--train_mode=distill"], "--train_mode=distill needs --teacher_checkpoint"),
+    (["--fine_tune_after_block=2"], "does not support"),
+    (["--dataset=no_such_dataset"], "no_such_dataset"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, args, message):
+  out = run(f"--model_dir={tmp_path}", "--train_steps=1", *args, check=False)
+  assert out.returncode != 0
+  assert message in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_model_dir_of_another_run_is_refused(pretrained):
+  model_dir, _ = pretrained
+  out = run("--train_mode=pretrain", "--resnet_depth=18", "--train_steps=1",
+            f"--model_dir={model_dir}", check=False)
+  assert out.returncode != 0
+  assert "holds a run with resnet_depth=10, not 18" in out.stderr
+
+
+def test_checkpoint_of_another_architecture_names_the_variable(pretrained, tmp_path):
+  pretrain_dir, _ = pretrained
+  out = run("--train_mode=finetune", "--train_steps=1", "--width_multiplier=0.25",
+            f"--checkpoint={pretrain_dir}", f"--model_dir={tmp_path}", check=False)
+  assert out.returncode != 0
+  assert "does not fit the model: variable stem_conv/conv/kernel has shape [3, 3, 3, 8] " \
+         "in the checkpoint but [3, 3, 3, 16] in the model" in out.stderr
