@@ -119,3 +119,76 @@ def checkpoint_step(prefix: str) -> int:
     if key.startswith("global_step/"):
       return int(reader.get_tensor(key))
   raise ValueError(f"checkpoint {prefix} holds no step")
+
+
+# --------------------------------------------------------------------------- SavedModels
+# A tf_simclr SavedModel (tf_simclr.export) tracks the Keras model as `model` from its root,
+# so its variables checkpoint restores with the same object-graph walk as a training one.
+
+import json  # noqa: E402  (appended section)
+import os  # noqa: E402
+
+SAVED_MODEL_CONFIG = "tf_simclr_config.json"
+ARCHITECTURE_FIELDS = ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio",
+                       "batch_norm_decay", "global_bn", "image_size", "proj_head_mode",
+                       "proj_out_dim", "num_proj_layers", "ft_proj_selector", "num_classes")
+
+
+def _saved_model_variables(path):
+  """`<path>/variables/variables` if path is a SavedModel directory, else None."""
+  prefix = os.path.join(path, "variables", "variables")
+  if (tf.io.gfile.exists(os.path.join(path, "saved_model.pb"))
+      and tf.io.gfile.exists(prefix + ".index")):
+    return prefix
+  return None
+
+
+def resolve_weights(path: str) -> str:
+  """Like resolve_checkpoint, and also accepts a SavedModel directory (returns the prefix of
+  its variables, which restore_model reads like any tf_simclr checkpoint)."""
+  if tf.io.gfile.isdir(path):
+    prefix = _saved_model_variables(path)
+    if prefix is not None:
+      return prefix
+  return resolve_checkpoint(path)
+
+
+def read_model_config(path: str) -> dict:
+  """Architecture fields (a subset of ARCHITECTURE_FIELDS) of a model_dir (its flags.json),
+  a checkpoint prefix in a model_dir, or a tf_simclr SavedModel (its tf_simclr_config.json,
+  also from its variables prefix). num_classes is there only for SavedModels."""
+  path = path.rstrip("/")
+  directory = path
+  if not tf.io.gfile.isdir(path):
+    # <saved_model>/variables/variables, or a checkpoint prefix in its model_dir
+    directory = os.path.dirname(path)
+    if os.path.basename(directory) == "variables":
+      directory = os.path.dirname(directory)
+  for name in (SAVED_MODEL_CONFIG, "flags.json"):
+    file = os.path.join(directory, name)
+    if tf.io.gfile.exists(file):
+      with tf.io.gfile.GFile(file) as f:
+        values = json.load(f)
+      fields = {k: values[k] for k in ARCHITECTURE_FIELDS if k in values}
+      if name == "flags.json":
+        fields.pop("num_classes", None)  # a run's classes come from its data, not its flags
+      return fields
+  raise FileNotFoundError(f"no {SAVED_MODEL_CONFIG} or flags.json for {path}: pass the "
+                          "architecture explicitly")
+
+
+def checkpoint_num_classes(prefix: str) -> int:
+  """Classes of the supervised head saved in a tf_simclr checkpoint or SavedModel."""
+  reader = tf.train.load_checkpoint(prefix)
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+  node = graph.nodes[0]
+  # Keras 3 Dense tracks its kernel as `_kernel`.
+  for names in (("model",), ("supervised_head",), ("dense",), ("_kernel", "kernel")):
+    children = {c.local_name: c.node_id for c in node.children}
+    found = [n for n in names if n in children]
+    if not found:
+      raise ArchitectureMismatchError(f"checkpoint {prefix} has no supervised head")
+    node = graph.nodes[children[found[0]]]
+  key = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"][0]
+  return int(reader.get_variable_to_shape_map()[key][-1])

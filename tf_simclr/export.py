@@ -1,0 +1,228 @@
+"""SavedModel export of a SimCLRModel: serves, fine-tunes, and restores into Keras.
+
+One SavedModel carries, all returning the dict of `OUTPUT_NAMES` for float32 images in
+[0, 1] of any size, [B, H, W, 3]:
+  - `__call__(images, trainable=False)`: the reference hub modules' interface, traced for both
+    values of the Python bool `trainable` (training-mode BN when True);
+  - `serve` (also the `serving_default` signature) and `training`: Keras 3 endpoints for
+    `keras.layers.TFSMLayer(path, call_endpoint="serve", call_training_endpoint="training")`;
+  - `variables` / `trainable_variables`, and the Keras model itself under the attribute
+    `model`, so that `<dir>/variables/variables` restores into a fresh Keras model with
+    `checkpoints.restore_model` exactly like a training checkpoint does;
+  - `tf_simclr_config.json`: the architecture (ModelConfig fields).
+
+  python -m tf_simclr.export --model_dir=<run> [--checkpoint=<prefix>] [--output=<dir>]
+"""
+
+import dataclasses
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from tf_simclr.config import ModelConfig
+from tf_simclr.models.simclr import OUTPUT_NAMES, build_model
+
+CONFIG_FILE = "tf_simclr_config.json"
+EXPORT_SUBDIR = "saved_model"
+SERVE_ENDPOINT = "serve"
+TRAINING_ENDPOINT = "training"
+_IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
+
+
+def _export_copy(model, model_cfg: ModelConfig):
+  """A fully trainable float32 single-device copy of `model` with the same weights.
+
+  Exports then neither depend on the training run's strategy (mirrored variables), precision
+  policy, frozen blocks nor linear-eval stop-gradient: whoever reuses the model decides.
+  BN is not synchronized in the copy: on one device it computes the same, and synchronized
+  BN's all-reduce has a custom gradient whose own gradient a SavedModel cannot keep (loading
+  then warns about "unsaved custom gradients"). An exported training endpoint never
+  synchronizes BN across replicas anyway.
+  """
+  cfg = dataclasses.replace(model_cfg, fine_tune_after_block=-1, global_bn=False)
+  policy = keras.config.dtype_policy()
+  keras.config.set_dtype_policy("float32")
+  try:
+    copy = build_model(cfg)
+  finally:
+    keras.config.set_dtype_policy(policy)
+  if len(copy.weights) != len(model.weights):
+    raise ValueError(f"model has {len(model.weights)} weights, but a model of its config "
+                     f"has {len(copy.weights)}: is model_cfg the model's config?")
+  for target, source in zip(copy.weights, model.weights):
+    if target.path != source.path or tuple(target.shape) != tuple(source.shape):
+      raise ValueError(f"model weight {source.path} {list(source.shape)} does not match "
+                       f"{target.path} {list(target.shape)} of a model built from model_cfg")
+    target.assign(tf.cast(source.value, target.dtype))
+  return copy
+
+
+def export_saved_model(model, export_dir, model_cfg: ModelConfig, step=None):
+  """Writes `model` (a SimCLRModel built from `model_cfg`) as a SavedModel in export_dir.
+
+  Call it outside any strategy scope. Not atomic: see `export_run` for that.
+  """
+  model = _export_copy(model, model_cfg)
+
+  def outputs(images, training):
+    result = model(images, training=training)
+    return {name: result[name] for name in OUTPUT_NAMES}
+
+  @tf.function(autograph=False)
+  def hub_call(images, trainable=False):
+    return outputs(images, trainable)
+
+  for trainable in (False, True):
+    hub_call.get_concrete_function(_IMAGES, trainable=trainable)
+
+  archive = keras.export.ExportArchive()
+  archive.track(model)
+  # The first endpoint also becomes the `serving_default` signature.
+  archive.add_endpoint(SERVE_ENDPOINT, lambda images: outputs(images, False), [_IMAGES])
+  archive.add_endpoint(TRAINING_ENDPOINT, lambda images: outputs(images, True), [_IMAGES])
+  # The archive saves this object as the SavedModel's root. `__call__` is set here rather than
+  # added as an endpoint, which would also make it a serving signature of one arbitrary trace.
+  # `model` makes the variables checkpoint restorable as a tf_simclr checkpoint.
+  root = archive._tf_trackable
+  root.__call__ = hub_call
+  root.model = model
+  # Custom gradients (the all-reduce of synchronized BN) must be saved for fine-tuning.
+  archive.write_out(export_dir, verbose=False,
+                    options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
+  config = dataclasses.asdict(model_cfg)
+  config["fine_tune_after_block"] = -1
+  if step is not None:
+    config["global_step"] = int(step)
+  with tf.io.gfile.GFile(os.path.join(export_dir, CONFIG_FILE), "w") as f:
+    f.write(json.dumps(config, indent=2, sort_keys=True))
+
+
+def list_exports(model_dir):
+  """Steps of the complete exports under <model_dir>/saved_model, ascending."""
+  parent = os.path.join(model_dir, EXPORT_SUBDIR)
+  if not tf.io.gfile.isdir(parent):
+    return []
+  return sorted(int(d.rstrip("/")) for d in tf.io.gfile.listdir(parent)
+                if d.rstrip("/").isdigit())
+
+
+def export_run(model, model_dir, model_cfg: ModelConfig, step, keep_hub_module_max=1):
+  """Exports to <model_dir>/saved_model/<step>/ and keeps the newest keep_hub_module_max
+  exports (all if <= 0). Returns the export's path.
+
+  The SavedModel is written under a non-numeric temporary name in the same directory and
+  renamed when complete, so a crash never leaves a numeric (valid-looking) partial export.
+  """
+  parent = os.path.join(model_dir, EXPORT_SUBDIR)
+  tf.io.gfile.makedirs(parent)
+  final = os.path.join(parent, str(int(step)))
+  tmp = os.path.join(parent, f".tmp-{int(step)}-{os.getpid()}")
+  if tf.io.gfile.exists(tmp):
+    tf.io.gfile.rmtree(tmp)
+  try:
+    export_saved_model(model, tmp, model_cfg, step)
+    if tf.io.gfile.exists(final):
+      # Re-export of a step: move the old one aside first (rename cannot replace a directory).
+      stale = tmp + ".old"
+      tf.io.gfile.rename(final, stale)
+      tf.io.gfile.rename(tmp, final)
+      tf.io.gfile.rmtree(stale)
+    else:
+      tf.io.gfile.rename(tmp, final)
+  finally:
+    if tf.io.gfile.exists(tmp):
+      tf.io.gfile.rmtree(tmp)
+  if keep_hub_module_max > 0:
+    for old in list_exports(model_dir)[:-keep_hub_module_max]:
+      tf.io.gfile.rmtree(os.path.join(parent, str(old)))
+  return final
+
+
+class TrainableTFSMLayer(keras.layers.TFSMLayer):
+  """`keras.layers.TFSMLayer` that fine-tunes with optimizers that have slots.
+
+  TFSMLayer names the weights it wraps after the SavedModel's variables, ':0' suffix included,
+  and optimizers derive slot names from them ("'kernel:0_momentum' is not a valid scope name");
+  this wraps each weight under the name without the suffix. It also defaults to our endpoints
+  and, when frozen (trainable=False), always calls the inference endpoint.
+  """
+
+  def __init__(self, filepath, call_endpoint=SERVE_ENDPOINT,
+               call_training_endpoint=TRAINING_ENDPOINT, trainable=True, **kwargs):
+    super().__init__(filepath, call_endpoint=call_endpoint,
+                     call_training_endpoint=call_training_endpoint, trainable=trainable,
+                     **kwargs)
+
+  def call(self, inputs, training=False, **kwargs):
+    # As Keras' own BN layers: a frozen layer runs in inference mode, statistics untouched.
+    return super().call(inputs, training=bool(training) and self.trainable, **kwargs)
+
+  def _add_existing_weight(self, weight):
+    name = weight.name.split(":")[0].replace("/", "_")
+    self._track_variable(keras.Variable(
+        initializer=weight, trainable=weight.trainable, dtype=weight.dtype,
+        shape=weight.shape, name=name))
+
+
+def load_config(export_dir) -> ModelConfig:
+  """The ModelConfig a tf_simclr SavedModel was exported with."""
+  with tf.io.gfile.GFile(os.path.join(export_dir, CONFIG_FILE)) as f:
+    config = json.load(f)
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  return ModelConfig(**{k: v for k, v in config.items() if k in fields})
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _main(argv):
+  from absl import app, flags
+  from tf_simclr.train import checkpoints
+
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  FLAGS = flags.FLAGS
+  try:
+    prefix = checkpoints.resolve_weights(FLAGS.checkpoint or FLAGS.model_dir)
+    fields = checkpoints.read_model_config(FLAGS.model_dir)
+  except (FileNotFoundError, ValueError) as e:
+    raise app.UsageError(str(e))
+  fields.setdefault("num_classes", checkpoints.checkpoint_num_classes(prefix))
+  cfg = ModelConfig(**dict(fields, fine_tune_after_block=-1))
+  model = build_model(cfg)
+  checkpoints.restore_model(prefix, model)
+  step = checkpoints.checkpoint_step(prefix)
+  if FLAGS.output:
+    if tf.io.gfile.exists(FLAGS.output):
+      raise app.UsageError(f"--output={FLAGS.output} exists; remove it or choose another")
+    tmp = FLAGS.output.rstrip("/") + f".tmp-{os.getpid()}"
+    try:
+      export_saved_model(model, tmp, cfg, step)
+      tf.io.gfile.rename(tmp, FLAGS.output)
+    finally:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    path = FLAGS.output
+  else:
+    path = export_run(model, FLAGS.model_dir, cfg, step,
+                      keep_hub_module_max=FLAGS.keep_hub_module_max)
+  print(f"Exported {prefix} (step {step}, ResNet-{cfg.resnet_depth} "
+        f"{cfg.width_multiplier:g}x, {cfg.num_classes} classes) to {path}", flush=True)
+
+
+def main():
+  from absl import app, flags
+  flags.DEFINE_string("model_dir", None, "A tf_simclr run: its flags.json gives the architecture.")
+  flags.DEFINE_string("checkpoint", None,
+                      "Checkpoint prefix to export (default: the run's latest checkpoint).")
+  flags.DEFINE_string("output", None,
+                      "SavedModel directory to write (default: <model_dir>/saved_model/<step>).")
+  flags.DEFINE_integer("keep_hub_module_max", 0,
+                       "Without --output: keep this many newest exports of the run (0: all).")
+  flags.mark_flag_as_required("model_dir")
+  app.run(_main)
+
+
+if __name__ == "__main__":
+  main()
