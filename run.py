@@ -83,10 +83,13 @@ flags.DEFINE_bool("hidden_norm", True, "L2-normalise projections in NT-Xent.")
 flags.DEFINE_bool("lineareval_while_pretraining", True,
                   "Train a linear head on stop-gradient features during pretraining.")
 flags.DEFINE_string("checkpoint", None,
-                    "Initialise a new finetune/distill run from this checkpoint (or model_dir).")
+                    "Initialise a new run from this checkpoint, model_dir or tf_simclr "
+                    "SavedModel (weights only).")
 flags.DEFINE_integer("checkpoint_epochs", 1, "Checkpoint every this many epochs.")
 flags.DEFINE_integer("checkpoint_steps", 0, "Checkpoint every this many steps (overrides epochs).")
 flags.DEFINE_integer("keep_checkpoint_max", 5, "Checkpoints to keep.")
+flags.DEFINE_integer("keep_hub_module_max", 1,
+                     "SavedModel exports (<model_dir>/saved_model/<step>) to keep; 0: no export.")
 flags.DEFINE_integer("steps_per_loop", 0, "Steps per tf.function call (0: automatic).")
 flags.DEFINE_integer("train_summary_steps", 100,
                      "Write training summaries about every this many steps (0: never).")
@@ -95,8 +98,9 @@ flags.DEFINE_integer("eval_timeout_secs", 0,
 
 # Distillation.
 flags.DEFINE_string("teacher_checkpoint", None,
-                    "Teacher of --train_mode=distill: a tf_simclr model_dir or checkpoint; its "
-                    "architecture is read from the teacher run's flags.json.")
+                    "Teacher of --train_mode=distill: a tf_simclr model_dir, checkpoint or "
+                    "SavedModel; its architecture is read from the teacher run's flags.json "
+                    "(or the SavedModel's config).")
 flags.DEFINE_float("distill_temperature", 1.0, "Temperature tau of teacher and student.")
 flags.DEFINE_float("distill_alpha", 0.0,
                    "Weight of the supervised loss on the labelled subset (0: pure distillation).")
@@ -225,21 +229,22 @@ def load_teacher(strategy, num_classes):
   from tf_simclr.models.simclr import build_model
   from tf_simclr.train import checkpoints
   path = FLAGS.teacher_checkpoint
-  prefix = checkpoints.resolve_checkpoint(path)
-  teacher_dir = path if os.path.isdir(path) else os.path.dirname(prefix)
-  overrides = {}
-  flags_path = os.path.join(teacher_dir, "flags.json")
-  if os.path.exists(flags_path):
-    with open(flags_path) as f:
-      teacher_flags = json.load(f)
-    overrides = {k: teacher_flags[k] for k in
-                 ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio", "proj_head_mode",
-                  "proj_out_dim", "num_proj_layers", "ft_proj_selector", "image_size")
-                 if k in teacher_flags}
+  prefix = checkpoints.resolve_weights(path)
+  try:
+    overrides = checkpoints.read_model_config(path)
+  except FileNotFoundError:
+    overrides = {}  # the student's architecture flags then describe the teacher too
+  # How the teacher's BN was run in its own training does not matter for inference here.
+  for name in ("global_bn", "batch_norm_decay", "num_classes"):
+    overrides.pop(name, None)
   for name in ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio", "proj_head_mode",
                "proj_out_dim", "num_proj_layers", "ft_proj_selector"):
     if getattr(FLAGS, f"teacher_{name}") is not None:
       overrides[name] = getattr(FLAGS, f"teacher_{name}")
+  teacher_classes = checkpoints.checkpoint_num_classes(prefix)
+  if teacher_classes != num_classes:
+    raise app.UsageError(f"the teacher {path} predicts {teacher_classes} classes but "
+                         f"--dataset={FLAGS.dataset} has {num_classes}")
   cfg = model_config(num_classes, dict(overrides, fine_tune_after_block=-1))
   with strategy.scope():
     teacher = build_model(cfg)
@@ -296,8 +301,16 @@ def run(argv):
     loop.write_json_atomic(os.path.join(FLAGS.model_dir, "flags.json"), flag_values)
 
   teacher = load_teacher(strategy, info.num_classes) if FLAGS.train_mode == "distill" else None
+  model_cfg = model_config(info.num_classes)
+  export_fn = None
+  if FLAGS.keep_hub_module_max > 0:
+    from tf_simclr import export
+
+    def export_fn(model, step):
+      path = export.export_run(model, FLAGS.model_dir, model_cfg, step, FLAGS.keep_hub_module_max)
+      print(f"Exported SavedModel {path}", flush=True)
   spec = loop.RunSpec(
-      strategy=strategy, model_dir=FLAGS.model_dir, model_cfg=model_config(info.num_classes),
+      strategy=strategy, model_dir=FLAGS.model_dir, model_cfg=model_cfg, export_fn=export_fn,
       data_cfg=data_cfg, train_cfg=train_config(),
       distill_cfg=DistillConfig(teacher_checkpoint=FLAGS.teacher_checkpoint or "",
                                 distill_temperature=FLAGS.distill_temperature,
@@ -311,7 +324,7 @@ def run(argv):
   if FLAGS.mode in ("train", "train_then_eval"):
     step = trainer.restore_or_initialize()
     if step == 0 and FLAGS.checkpoint:
-      trainer.initialize_from(checkpoints.resolve_checkpoint(FLAGS.checkpoint),
+      trainer.initialize_from(checkpoints.resolve_weights(FLAGS.checkpoint),
                               FLAGS.zero_init_logits_layer)
     trainer.train(step)
     if FLAGS.mode == "train_then_eval":

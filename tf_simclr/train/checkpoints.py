@@ -6,6 +6,9 @@ Restores happen only after the model and optimizer are built: a deferred restore
 leaves variables wrong in Keras 3 (see the notes on checkpoints).
 """
 
+import json
+import os
+
 import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
@@ -124,9 +127,6 @@ def checkpoint_step(prefix: str) -> int:
 # --------------------------------------------------------------------------- SavedModels
 # A tf_simclr SavedModel (tf_simclr.export) tracks the Keras model as `model` from its root,
 # so its variables checkpoint restores with the same object-graph walk as a training one.
-
-import json  # noqa: E402  (appended section)
-import os  # noqa: E402
 
 SAVED_MODEL_CONFIG = "tf_simclr_config.json"
 ARCHITECTURE_FIELDS = ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio",
