@@ -75,12 +75,14 @@ def num_train_examples(info: datasets.DatasetInfo, train_mode):
 class Trainer:
   """Builds model, optimizer, checkpoint and the distributed step functions of a run."""
 
-  def __init__(self, spec: RunSpec, teacher=None):
+  def __init__(self, spec: RunSpec, teacher=None, info=None):
+    """`info` (a datasets.DatasetInfo) skips reading the dataset's sizes: the training-step
+    benchmark runs the same step on in-memory tensors without any dataset."""
     self.spec = spec
     cfg = spec.train_cfg
     self.strategy = spec.strategy
     self.mode = cfg.train_mode
-    self.info = datasets.dataset_info(spec.data_cfg)
+    self.info = info if info is not None else datasets.dataset_info(spec.data_cfg)
     if self.info.num_classes != spec.model_cfg.num_classes:
       raise ValueError(f"num_classes={spec.model_cfg.num_classes} but dataset "
                        f"{spec.data_cfg.dataset} has {self.info.num_classes} classes")

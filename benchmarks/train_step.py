@@ -1,0 +1,330 @@
+"""Speed and memory of the real training step (model + loss + optimizer) on in-memory tensors.
+
+  python benchmarks/train_step.py --preset=cifar_r18 --train_mode=pretrain \
+      --precision=mixed_bfloat16 --steps=5 --json
+
+The step is exactly run.py's: a `tf_simclr.train.loop.Trainer` builds model, LARS (or the
+preset's optimizer), metrics and the multi-step `tf.function` (`Trainer._make_train_loop`),
+which then runs on one random batch held in memory (`tf.data.Dataset.from_tensors(...)
+.repeat()`), so the input pipeline (augmentation, blur) is NOT part of the timing; see
+benchmarks/input_pipeline.py for that. After tracing and --warmup_steps, every timed call runs
+--steps_per_call steps; step times are per step.
+
+FLOPs are counted on the traced graph of one training step (forward, backward and optimizer):
+Conv2D, Conv2DBackpropInput, Conv2DBackpropFilter, MatMul and BatchMatMul ops, 2 FLOPs per
+multiply-add, from their static shapes. Element-wise ops (BN, ReLU, LARS) are not counted, so
+the figure slightly understates the work. A 3x-forward analytical estimate is printed next to
+it as a cross-check (3x the trained model's forward, plus 1x the teacher's forward when
+distilling). The fp32 matmul peak is measured in the same process (2048x2048).
+
+With --json the last line printed is one JSON object (keys: images_per_sec, step_time_s,
+peak_rss_mb, gflops_per_sec, matmul_peak_gflops, ...). images/s counts input images, not views.
+"""
+
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PRESETS = {
+    # name: (ModelConfig overrides, batch size, classes, training examples)
+    "cifar_r18": (dict(resnet_depth=18, image_size=32), 256, 10, 50_000),
+    "imagenet_r50": (dict(resnet_depth=50, image_size=224), 32, 1000, 1_281_167),
+    "imagenet_r50_sk": (dict(resnet_depth=50, image_size=224, sk_ratio=0.0625), 32, 1000,
+                        1_281_167),
+}
+
+flags.DEFINE_enum("preset", "cifar_r18", list(PRESETS), "Model and batch of the benchmark.")
+flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune", "distill"],
+                  "Objective (distill: a frozen teacher of the same architecture).")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
+                  "Keras global dtype policy, set before the model is built (as run.py).")
+flags.DEFINE_integer("steps", 5, "Timed steps.")
+flags.DEFINE_integer("warmup_steps", 1, "Untimed steps after the tracing call.")
+flags.DEFINE_integer("steps_per_call", 1, "Steps per call of the training tf.function.")
+flags.DEFINE_integer("batch_size", 0, "Global batch size (0: the preset's).")
+flags.DEFINE_integer("image_size", 0, "Override of the preset's image size (0: keep).")
+flags.DEFINE_integer("resnet_depth", 0, "Override of the preset's depth (0: keep).")
+flags.DEFINE_float("width_multiplier", 1.0, "Trunk width multiplier.")
+flags.DEFINE_integer("proj_out_dim", 128, "Projection head output width.")
+flags.DEFINE_enum("optimizer", "lars", ["lars", "momentum", "adam"], "Optimizer.")
+flags.DEFINE_bool("lineareval_while_pretraining", True, "Linear eval head while pretraining.")
+flags.DEFINE_bool("global_bn", True, "Synchronized BN (as the reference recipe).")
+flags.DEFINE_bool("count_flops", True, "Count the step's FLOPs on its traced graph.")
+flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the fp32 peak.")
+flags.DEFINE_string("profile_dir", None, "Write a TF profiler trace of the timed steps here.")
+flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+flags.DEFINE_bool("experimental_fused_bn", False,
+                  "EXPERIMENT, not the library's step: replace keras BatchNormalization by a "
+                  "FusedBatchNormV3 version (single replica only) to measure what fusing BN "
+                  "would gain; see docs/PERFORMANCE.md.")
+FLAGS = flags.FLAGS
+
+
+def peak_rss_mb():
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def matmul_peak_gflops(tf, n, reps=4, trials=3):
+  """Best fp32 rate of `reps` chained n x n matmuls in one tf.function, over `trials`."""
+  a = tf.random.normal((n, n), dtype=tf.float32)
+  b = tf.random.normal((n, n), dtype=tf.float32) / float(n) ** 0.5
+
+  @tf.function
+  def chain(x):
+    for _ in range(reps):
+      x = tf.matmul(x, b)
+    return tf.reduce_sum(x)
+
+  chain(a).numpy()
+  best = float("inf")
+  for _ in range(trials):
+    start = time.perf_counter()
+    chain(a).numpy()
+    best = min(best, time.perf_counter() - start)
+  return 2.0 * n ** 3 * reps / best / 1e9
+
+
+_MATMUL_LIKE = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
+_CONV_LIKE = ("Conv2D", "Conv2DBackpropInput", "Conv2DBackpropFilter")
+
+
+def _static(shape):
+  dims = shape.as_list() if shape.rank is not None else None
+  return None if dims is None or any(d is None for d in dims) else dims
+
+
+def count_graph_flops(graph):
+  """(FLOPs of Conv/MatMul ops by op type, {op type: dtypes}, ops with unknown shapes)."""
+  import numpy as np
+  flops, dtypes, unknown = {}, {}, 0
+  for op in graph.get_operations():
+    if op.type not in _CONV_LIKE + _MATMUL_LIKE:
+      continue
+    if not op.outputs[0].consumers():
+      continue  # e.g. the unused gradient of the input images: pruned before running
+    dtypes.setdefault(op.type, set()).add(op.get_attr("T").name)
+    if op.type in _CONV_LIKE:
+      # 2 * (output-side elements) * kh * kw * cin: the same count for the forward conv and
+      # both backward convs, expressed through the forward conv's output and filter shapes.
+      if op.type == "Conv2D":
+        out, filt = _static(op.outputs[0].shape), _static(op.inputs[1].shape)
+      elif op.type == "Conv2DBackpropInput":
+        out, filt = _static(op.inputs[2].shape), _static(op.inputs[1].shape)
+      else:
+        out, filt = _static(op.inputs[2].shape), _static(op.outputs[0].shape)
+      if out is None or filt is None:
+        unknown += 1
+        continue
+      n = 2 * np.prod(out) * filt[0] * filt[1] * filt[2]
+    else:
+      a, b = _static(op.inputs[0].shape), _static(op.inputs[1].shape)
+      if a is None or b is None:
+        unknown += 1
+        continue
+      ta = op.get_attr("transpose_a") if op.type == "MatMul" else op.get_attr("adj_x")
+      tb = op.get_attr("transpose_b") if op.type == "MatMul" else op.get_attr("adj_y")
+      m, k = (a[-1], a[-2]) if ta else (a[-2], a[-1])
+      cols = b[-2] if tb else b[-1]
+      n = 2 * np.prod(a[:-2] or [1]) * m * k * cols
+    flops[op.type] = flops.get(op.type, 0) + int(n)
+  return flops, {k: sorted(v) for k, v in dtypes.items()}, unknown
+
+
+def install_fused_batch_norm():
+  """Monkeypatches keras.layers.BatchNormalization with a fused (FusedBatchNormV3) subclass.
+
+  Same variables, same forward values and moving statistics as Keras 3's BN (which on the TF
+  backend computes moments and the normalisation with separate element-wise ops, in float32
+  even for bfloat16 inputs). Valid on one replica only: it ignores `synchronized`.
+  """
+  import keras
+  import tensorflow as tf
+
+  class FusedBatchNormalization(keras.layers.BatchNormalization):
+
+    def call(self, inputs, training=None, mask=None):
+      x = inputs
+      if x.shape.rank == 2:
+        x = tf.reshape(x, [-1, 1, 1, x.shape[-1]])
+      ones = tf.ones_like(self.moving_mean)
+      gamma = tf.convert_to_tensor(self.gamma) if self.scale else ones
+      beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros_like(ones)
+      if training and self.trainable:
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, epsilon=self.epsilon, is_training=True)
+        n = tf.cast(tf.size(x) // x.shape[-1], tf.float32)
+        variance = variance * (n - 1) / n  # the op returns the unbiased variance
+        self.moving_mean.assign(self.moving_mean * self.momentum
+                                + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum
+                                    + variance * (1.0 - self.momentum))
+      else:
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, mean=self.moving_mean, variance=self.moving_variance,
+            epsilon=self.epsilon, is_training=False)
+      if inputs.shape.rank == 2:
+        y = tf.reshape(y, tf.shape(inputs))
+      return tf.cast(y, self.compute_dtype)
+
+  keras.layers.BatchNormalization = FusedBatchNormalization
+  return FusedBatchNormalization
+
+
+def main(_):
+  import numpy as np
+  import keras
+  import tensorflow as tf
+
+  from tf_simclr import strategy as strategy_lib
+  from tf_simclr.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+  from tf_simclr.data.datasets import DatasetInfo
+  from tf_simclr.models.simclr import build_model
+  from tf_simclr.train import loop
+
+  overrides, batch_size, num_classes, num_examples = PRESETS[FLAGS.preset]
+  overrides = dict(overrides)
+  if FLAGS.image_size:
+    overrides["image_size"] = FLAGS.image_size
+  if FLAGS.resnet_depth:
+    overrides["resnet_depth"] = FLAGS.resnet_depth
+  batch_size = FLAGS.batch_size or batch_size
+  size = overrides["image_size"]
+
+  peak = matmul_peak_gflops(tf, FLAGS.matmul_size)
+  if FLAGS.experimental_fused_bn:
+    install_fused_batch_norm()
+
+  strategy = strategy_lib.build_strategy("one_device")
+  keras.utils.set_random_seed(0)
+  if FLAGS.precision != "float32":
+    keras.mixed_precision.set_global_policy(FLAGS.precision)
+  model_cfg = ModelConfig(num_classes=num_classes, width_multiplier=FLAGS.width_multiplier,
+                          proj_out_dim=FLAGS.proj_out_dim, global_bn=FLAGS.global_bn,
+                          **overrides)
+  train_cfg = TrainConfig(
+      train_mode=FLAGS.train_mode, train_batch_size=batch_size, train_steps=10**6,
+      checkpoint_steps=10**6, optimizer=FLAGS.optimizer, precision=FLAGS.precision,
+      lineareval_while_pretraining=FLAGS.lineareval_while_pretraining)
+  teacher = None
+  if FLAGS.train_mode == "distill":
+    with strategy.scope():
+      teacher = build_model(model_cfg)
+    teacher.trainable = False
+  model_dir = tempfile.mkdtemp(prefix="train_step_bench_")
+  spec = loop.RunSpec(strategy=strategy, model_dir=model_dir, model_cfg=model_cfg,
+                      data_cfg=DataConfig(image_size=size), train_cfg=train_cfg,
+                      distill_cfg=DistillConfig())
+  info = DatasetInfo(num_classes, num_examples, num_examples, 10_000)
+  trainer = loop.Trainer(spec, teacher=teacher, info=info)
+
+  views = 2 if FLAGS.train_mode == "pretrain" else 1
+  rng = np.random.default_rng(0)
+  batch = {
+      "image": tf.constant(rng.random((batch_size, size, size, 3 * views), np.float32)),
+      "label": tf.constant(rng.integers(0, num_classes, batch_size), tf.int64),
+  }
+  iterator = iter(strategy.experimental_distribute_dataset(
+      tf.data.Dataset.from_tensors(batch).repeat()))
+  train_loop = trainer._make_train_loop()  # pylint: disable=protected-access
+
+  def run(num_steps):
+    train_loop(iterator, None, tf.constant(num_steps))
+    trainer.optimizer.iterations.numpy()  # waits for the steps to finish
+
+  start = time.perf_counter()
+  run(1)
+  first_call_s = time.perf_counter() - start
+  for _ in range(FLAGS.warmup_steps):
+    run(1)
+  rss_before_timing = peak_rss_mb()
+
+  if FLAGS.profile_dir:
+    tf.profiler.experimental.start(FLAGS.profile_dir)
+  times = []
+  calls = max(1, -(-FLAGS.steps // FLAGS.steps_per_call))
+  for _ in range(calls):
+    start = time.perf_counter()
+    run(FLAGS.steps_per_call)
+    times.append((time.perf_counter() - start) / FLAGS.steps_per_call)
+  if FLAGS.profile_dir:
+    tf.profiler.experimental.stop()
+  loss = float(trainer.metrics["loss"].result())
+
+  result = {
+      "preset": FLAGS.preset, "train_mode": FLAGS.train_mode, "precision": FLAGS.precision,
+      "batch_size": batch_size, "image_size": size, "resnet_depth": model_cfg.resnet_depth,
+      "sk_ratio": model_cfg.sk_ratio, "optimizer": FLAGS.optimizer,
+      "steps": len(times) * FLAGS.steps_per_call, "steps_per_call": FLAGS.steps_per_call,
+      "step_time_s": statistics.median(times), "step_time_min_s": min(times),
+      "step_time_max_s": max(times), "step_times_s": times,
+      "images_per_sec": batch_size / statistics.median(times),
+      "images_per_sec_min": batch_size / max(times),
+      "images_per_sec_max": batch_size / min(times),
+      "first_call_s": first_call_s, "rss_before_timing_mb": rss_before_timing,
+      "matmul_peak_gflops": peak, "loss": loss,
+      "compute_dtype": keras.mixed_precision.global_policy().compute_dtype,
+      "variable_dtypes": sorted({v.dtype for v in trainer.model.variables}),
+      "bn_moving_stat_dtypes": sorted({v.dtype for v in trainer.model.non_trainable_variables
+                                       if "moving" in v.path}),
+      "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
+      "experimental_fused_bn": FLAGS.experimental_fused_bn,
+  }
+
+  if FLAGS.count_flops:
+    # One step, traced (not run) as the loop's body runs it; the graph also holds the
+    # backward pass and the optimizer update.
+    spec_in = {k: tf.TensorSpec(v.shape, v.dtype) for k, v in batch.items()}
+    step_fn = tf.function(lambda b: strategy.run(trainer._train_step, args=(b, None)))  # pylint: disable=protected-access
+    graph = step_fn.get_concrete_function(spec_in).graph
+    flops, op_dtypes, unknown = count_graph_flops(graph)
+    total = sum(flops.values())
+    fwd = tf.function(lambda x: trainer.model(x, training=True))
+    x_spec = tf.TensorSpec((batch_size * views, size, size, 3), tf.float32)
+    fwd_flops, _, _ = count_graph_flops(fwd.get_concrete_function(x_spec).graph)
+    estimate = 3 * sum(fwd_flops.values())
+    if teacher is not None:  # the frozen teacher only runs forward
+      t_fwd = tf.function(lambda x: teacher(x, training=False))
+      estimate += sum(count_graph_flops(t_fwd.get_concrete_function(x_spec).graph)[0].values())
+    loss_ops = sorted({f"{op.type}:{op.get_attr('T').name}" for op in graph.get_operations()
+                       if "Softmax" in op.type})
+    result.update({
+        "step_gflop": total / 1e9, "step_gflop_by_op": {k: v / 1e9 for k, v in flops.items()},
+        "forward_gflop_x3": estimate / 1e9,
+        "ops_with_unknown_shapes": unknown, "op_dtypes": op_dtypes, "loss_op_dtypes": loss_ops,
+        "gflops_per_sec": total / 1e9 / result["step_time_s"],
+    })
+    result["fraction_of_matmul_peak"] = result["gflops_per_sec"] / peak
+  else:
+    result["gflops_per_sec"] = None
+  result["peak_rss_mb"] = peak_rss_mb()
+
+  r = result
+  print(f"{FLAGS.preset} {FLAGS.train_mode} {FLAGS.precision}: batch {batch_size} of "
+        f"{size}x{size} ({views} view(s)), {r['steps']} timed steps")
+  print(f"  images/s   median {r['images_per_sec']:.2f}  min {r['images_per_sec_min']:.2f}  "
+        f"max {r['images_per_sec_max']:.2f}")
+  print(f"  step time  median {r['step_time_s']:.3f} s  min {r['step_time_min_s']:.3f} s  "
+        f"max {r['step_time_max_s']:.3f} s  (first call incl. tracing {first_call_s:.1f} s)")
+  print(f"  peak RSS   {r['peak_rss_mb']:.0f} MB")
+  if FLAGS.count_flops:
+    print(f"  FLOPs      {r['step_gflop']:.1f} GFLOP/step counted on the step graph "
+          f"(3x forward estimate {r['forward_gflop_x3']:.1f}); "
+          f"{r['gflops_per_sec']:.1f} GFLOP/s = {r['fraction_of_matmul_peak']:.0%} of the "
+          f"fp32 matmul peak {peak:.1f} GFLOP/s")
+    print(f"  dtypes     compute {r['compute_dtype']}, conv/matmul {r['op_dtypes']}, "
+          f"softmax/xent ops {r['loss_op_dtypes']}, BN moving stats {r['bn_moving_stat_dtypes']}")
+  print(f"  load avg   {' '.join(f'{x:.2f}' for x in r['load_average'])} on {os.cpu_count()} CPUs")
+  if FLAGS.json:
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

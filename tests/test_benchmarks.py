@@ -1,0 +1,27 @@
+"""Smoke test of benchmarks/train_step.py: a tiny model for 2 steps, JSON keys on the last line."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_train_step_benchmark_json():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--preset=cifar_r18",
+       "--train_mode=pretrain", "--resnet_depth=10", "--width_multiplier=0.125",
+       "--image_size=16", "--batch_size=16", "--proj_out_dim=16", "--steps=2",
+       "--warmup_steps=0", "--matmul_size=512", "--json"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  for key in ("images_per_sec", "step_time_s", "peak_rss_mb", "gflops_per_sec",
+              "matmul_peak_gflops"):
+    assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
+  assert result["steps"] == 2 and result["batch_size"] == 16
+  assert abs(result["images_per_sec"] * result["step_time_s"] - 16) < 1e-6
+  # Counted FLOPs agree with the 3x-forward estimate (backward = 2x forward for convs).
+  assert 0.5 < result["step_gflop"] / result["forward_gflop_x3"] < 1.5
