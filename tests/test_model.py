@@ -167,3 +167,29 @@ def test_checkpoint_round_trip_in_new_process(tmp_path):
                        text=True, env=dict(os.environ, PYTHONPATH=ROOT))
   assert out.returncode == 0, out.stderr[-3000:]
   assert f"restored {len(model.variables)}" in out.stdout
+
+
+@pytest.mark.parametrize("shape", [(8, 5, 5, 6), (8, 6)])
+def test_fused_batch_norm_equals_keras_batch_norm(shape):
+  from keras import layers
+  from tf_simclr.models.resnet import BatchNorm
+  ours = BatchNorm(momentum=0.9, epsilon=1e-5)
+  keras_bn = layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+  ours.build(shape)
+  keras_bn.build(shape)
+  for a, b in zip(ours.weights, keras_bn.weights):
+    a.assign(np.random.rand(*a.shape) + 0.5)
+    b.assign(a.numpy())
+  x = tf.constant(np.random.randn(*shape) * 3 + 1, tf.float32)
+  grads = []
+  for layer in (ours, keras_bn):
+    with tf.GradientTape() as tape:
+      tape.watch(x)
+      loss = tf.reduce_sum(layer(x, training=True) ** 2)
+    grads.append(tape.gradient(loss, [x] + layer.trainable_weights))
+  for g_ours, g_keras in zip(*grads):
+    np.testing.assert_allclose(g_ours, g_keras, rtol=1e-4, atol=1e-4)
+  for a, b in zip(ours.weights, keras_bn.weights):  # moving statistics after one update
+    np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(ours(x, training=False), keras_bn(x, training=False),
+                             rtol=1e-5, atol=1e-5)
