@@ -61,10 +61,6 @@ flags.DEFINE_bool("count_flops", True, "Count the step's FLOPs on its traced gra
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the fp32 peak.")
 flags.DEFINE_string("profile_dir", None, "Write a TF profiler trace of the timed steps here.")
 flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
-flags.DEFINE_bool("experimental_fused_bn", False,
-                  "EXPERIMENT, not the library's step: replace keras BatchNormalization by a "
-                  "FusedBatchNormV3 version (single replica only) to measure what fusing BN "
-                  "would gain; see docs/PERFORMANCE.md.")
 FLAGS = flags.FLAGS
 
 
@@ -138,46 +134,6 @@ def count_graph_flops(graph):
   return flops, {k: sorted(v) for k, v in dtypes.items()}, unknown
 
 
-def install_fused_batch_norm():
-  """Monkeypatches keras.layers.BatchNormalization with a fused (FusedBatchNormV3) subclass.
-
-  Same variables, same forward values and moving statistics as Keras 3's BN (which on the TF
-  backend computes moments and the normalisation with separate element-wise ops, in float32
-  even for bfloat16 inputs). Valid on one replica only: it ignores `synchronized`.
-  """
-  import keras
-  import tensorflow as tf
-
-  class FusedBatchNormalization(keras.layers.BatchNormalization):
-
-    def call(self, inputs, training=None, mask=None):
-      x = inputs
-      if x.shape.rank == 2:
-        x = tf.reshape(x, [-1, 1, 1, x.shape[-1]])
-      ones = tf.ones_like(self.moving_mean)
-      gamma = tf.convert_to_tensor(self.gamma) if self.scale else ones
-      beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros_like(ones)
-      if training and self.trainable:
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, epsilon=self.epsilon, is_training=True)
-        n = tf.cast(tf.size(x) // x.shape[-1], tf.float32)
-        variance = variance * (n - 1) / n  # the op returns the unbiased variance
-        self.moving_mean.assign(self.moving_mean * self.momentum
-                                + mean * (1.0 - self.momentum))
-        self.moving_variance.assign(self.moving_variance * self.momentum
-                                    + variance * (1.0 - self.momentum))
-      else:
-        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, mean=self.moving_mean, variance=self.moving_variance,
-            epsilon=self.epsilon, is_training=False)
-      if inputs.shape.rank == 2:
-        y = tf.reshape(y, tf.shape(inputs))
-      return tf.cast(y, self.compute_dtype)
-
-  keras.layers.BatchNormalization = FusedBatchNormalization
-  return FusedBatchNormalization
-
-
 def main(_):
   import numpy as np
   import keras
@@ -199,8 +155,6 @@ def main(_):
   size = overrides["image_size"]
 
   peak = matmul_peak_gflops(tf, FLAGS.matmul_size)
-  if FLAGS.experimental_fused_bn:
-    install_fused_batch_norm()
 
   strategy = strategy_lib.build_strategy("one_device")
   keras.utils.set_random_seed(0)
@@ -275,7 +229,6 @@ def main(_):
       "bn_moving_stat_dtypes": sorted({v.dtype for v in trainer.model.non_trainable_variables
                                        if "moving" in v.path}),
       "load_average": list(os.getloadavg()), "cpu_count": os.cpu_count(),
-      "experimental_fused_bn": FLAGS.experimental_fused_bn,
   }
 
   if FLAGS.count_flops:

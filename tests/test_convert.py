@@ -263,7 +263,7 @@ def test_tf2_saved_model_matches_reference_forward(tmp_path):
   net, images, expected = _reference(cfg, 64, seed=3)
   _write_tf2_saved_model(net.tf2, str(tmp_path / "hub"))
   model = build_model(cfg)
-  prefix = convert.resolve_source(str(tmp_path / "hub"))
+  prefix = checkpoints.resolve_weights(str(tmp_path / "hub"))
   convert.load_reference_weights(model, cfg, convert.read_reference(prefix))
   _check_outputs(model, expected, images)
 

@@ -55,21 +55,6 @@ class ReferenceWeights:
 
 # --------------------------------------------------------------------------- sources
 
-def resolve_source(path):
-  """Checkpoint prefix of a SavedModel directory, a checkpoint directory or a prefix."""
-  if tf.io.gfile.isdir(path):
-    variables = os.path.join(path, "variables", "variables")
-    if tf.io.gfile.exists(variables + ".index"):
-      return variables
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
-      raise FileNotFoundError(f"{path} holds neither a SavedModel nor a checkpoint")
-    return latest
-  if not tf.io.gfile.exists(path + ".index"):
-    raise FileNotFoundError(f"{path} is not a checkpoint (no {path}.index)")
-  return path
-
-
 def _index(suffix):
   return int(suffix) if suffix else 0
 
@@ -338,7 +323,7 @@ def convert(source, output, cfg: ModelConfig):
   from tf_simclr import export
   from tf_simclr.models.simclr import build_model
 
-  prefix = resolve_source(source)
+  prefix = checkpoints.resolve_weights(source)
   reference = read_reference(prefix)
   if cfg.num_classes <= 0:
     if reference.supervised is None:
