@@ -22,6 +22,8 @@ import time
 from absl import app, flags
 
 flags.DEFINE_string("out", "runs/quickstart", "Output directory of every stage and the results.")
+flags.DEFINE_enum("recipe", "fashion_mnist", ["fashion_mnist", "fashion_mnist_full"],
+                  "Flagfile family: the ~20-minute quickstart or the longer recipe (hours).")
 flags.DEFINE_list("label_fractions", ["0.01", "0.1"], "Label fractions to fine-tune on.")
 flags.DEFINE_list("extra_flags", [], "Flags appended to every stage (e.g. --train_steps=5 "
                   "for a smoke test).")
@@ -40,25 +42,25 @@ def pct(fraction):
   return f"{round(float(fraction) * 100):d}pct"
 
 
-def stages(out, fractions):
+def stages(out, fractions, recipe="fashion_mnist"):
   """(result key, model_dir, flagfile, extra flags) in run order."""
   pretrain = os.path.join(out, "pretrain")
-  plan = [("pretrain", pretrain, "fashion_mnist_pretrain.cfg", [])]
+  plan = [("pretrain", pretrain, f"{recipe}_pretrain.cfg", [])]
   # Baselines keep no SavedModel: nobody reuses them.
   plan.append(("linear_eval_pretrained", os.path.join(out, "linear_eval_pretrained"),
-               "fashion_mnist_linear_eval.cfg", [f"--checkpoint={pretrain}"]))
+               f"{recipe}_linear_eval.cfg", [f"--checkpoint={pretrain}"]))
   plan.append(("linear_eval_random", os.path.join(out, "linear_eval_random"),
-               "fashion_mnist_linear_eval.cfg", ["--keep_hub_module_max=0"]))
+               f"{recipe}_linear_eval.cfg", ["--keep_hub_module_max=0"]))
   for fraction in fractions:
     p = pct(fraction)
     labels = [f"--train_label_fraction={fraction}", f"--train_epochs={finetune_epochs(fraction)}"]
     finetune = os.path.join(out, f"finetune_{p}")
-    plan.append((f"finetune_{p}", finetune, "fashion_mnist_finetune.cfg",
+    plan.append((f"finetune_{p}", finetune, f"{recipe}_finetune.cfg",
                  [f"--checkpoint={pretrain}", *labels]))
     plan.append((f"distill_{p}", os.path.join(out, f"distill_{p}"),
-                 "fashion_mnist_distill.cfg", [f"--teacher_checkpoint={finetune}"]))
+                 f"{recipe}_distill.cfg", [f"--teacher_checkpoint={finetune}"]))
     plan.append((f"supervised_{p}", os.path.join(out, f"supervised_{p}"),
-                 "fashion_mnist_finetune.cfg",
+                 f"{recipe}_finetune.cfg",
                  [*labels, "--ft_proj_selector=0", "--keep_hub_module_max=0"]))
   return plan
 
@@ -120,7 +122,7 @@ def main(argv):
   out = os.path.abspath(FLAGS.out)
   os.makedirs(out, exist_ok=True)
   results = {}
-  for name, model_dir, flagfile, extra in stages(out, FLAGS.label_fractions):
+  for name, model_dir, flagfile, extra in stages(out, FLAGS.label_fractions, FLAGS.recipe):
     result = run_stage(name, model_dir, flagfile, extra)
     if name != "pretrain":
       results[name] = result["eval/label_top_1_accuracy"]
