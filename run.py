@@ -282,9 +282,12 @@ def run(argv):
   from tf_simclr.data import datasets
   from tf_simclr.train import checkpoints, loop
 
-  strategy = strategy_lib.build_strategy(
-      "tpu" if FLAGS.use_tpu and FLAGS.strategy == "auto" else FLAGS.strategy,
-      FLAGS.num_cpu_replicas, FLAGS.tpu, FLAGS.tpu_zone, FLAGS.gcp_project)
+  try:
+    strategy = strategy_lib.build_strategy(
+        "tpu" if FLAGS.use_tpu and FLAGS.strategy == "auto" else FLAGS.strategy,
+        FLAGS.num_cpu_replicas, FLAGS.tpu, FLAGS.tpu_zone, FLAGS.gcp_project)
+  except ValueError as e:  # e.g. --num_cpu_replicas with another strategy, bad TF_CONFIG
+    raise app.UsageError(str(e))
   keras.utils.set_random_seed(FLAGS.seed)
   if FLAGS.deterministic:
     tf.config.experimental.enable_op_determinism()
