@@ -9,7 +9,8 @@ can be rerun by hand, and an interrupted quickstart resumes stage by stage), the
   2. linear eval of the pretrained trunk and of a random trunk;
   3. fine-tune on class-balanced 1% and 10% label subsets, from the projection head's
      middle layer;
-  4. distill each fine-tuned teacher into a same-size student on all training images;
+  4. distill each fine-tuned teacher into a same-size student on all training images
+     (the student starts from the pretrained trunk);
   5. the same architecture trained supervised-only on the same subsets, same epochs.
 """
 
@@ -57,8 +58,8 @@ def stages(out, fractions, recipe="fashion_mnist"):
     finetune = os.path.join(out, f"finetune_{p}")
     plan.append((f"finetune_{p}", finetune, f"{recipe}_finetune.cfg",
                  [f"--checkpoint={pretrain}", *labels]))
-    plan.append((f"distill_{p}", os.path.join(out, f"distill_{p}"),
-                 f"{recipe}_distill.cfg", [f"--teacher_checkpoint={finetune}"]))
+    plan.append((f"distill_{p}", os.path.join(out, f"distill_{p}"), f"{recipe}_distill.cfg",
+                 [f"--teacher_checkpoint={finetune}", f"--checkpoint={pretrain}"]))
     plan.append((f"supervised_{p}", os.path.join(out, f"supervised_{p}"),
                  f"{recipe}_finetune.cfg",
                  [*labels, "--ft_proj_selector=0", "--keep_hub_module_max=0"]))
