@@ -112,7 +112,7 @@ def plot(results, fractions, path):
   low = min(results[f"{k}_{pct(f)}"] for k, _ in methods for f in fractions) * 100
   ax.set_ylim(max(0, low - 10), 100)
   ax.set_title("Fashion-MNIST: SimCLRv2 vs supervised with few labels")
-  ax.legend(loc="lower right")
+  ax.legend(loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
