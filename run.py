@@ -305,15 +305,15 @@ def run(argv):
 
   teacher = load_teacher(strategy, info.num_classes) if FLAGS.train_mode == "distill" else None
   model_cfg = model_config(info.num_classes)
-  export_fn = None
-  if FLAGS.keep_hub_module_max > 0:
-    from tf_simclr import export
 
-    def export_fn(model, step):
-      path = export.export_run(model, FLAGS.model_dir, model_cfg, step, FLAGS.keep_hub_module_max)
-      print(f"Exported SavedModel {path}", flush=True)
+  def export_fn(model, step):
+    from tf_simclr import export
+    path = export.export_run(model, FLAGS.model_dir, model_cfg, step, FLAGS.keep_hub_module_max)
+    print(f"Exported SavedModel {path}", flush=True)
+
   spec = loop.RunSpec(
-      strategy=strategy, model_dir=FLAGS.model_dir, model_cfg=model_cfg, export_fn=export_fn,
+      strategy=strategy, model_dir=FLAGS.model_dir, model_cfg=model_cfg,
+      export_fn=export_fn if FLAGS.keep_hub_module_max > 0 else None,
       data_cfg=data_cfg, train_cfg=train_config(),
       distill_cfg=DistillConfig(teacher_checkpoint=FLAGS.teacher_checkpoint or "",
                                 distill_temperature=FLAGS.distill_temperature,

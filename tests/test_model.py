@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tf_simclr.config import ModelConfig
-from tf_simclr.models.simclr import OUTPUT_NAMES, build_model, count_params
+from tf_simclr.models.simclr import OUTPUT_NAMES, build_model
 from tf_simclr.summary import parameter_counts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

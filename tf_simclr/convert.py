@@ -80,7 +80,7 @@ def _read_tf1(reader, names):
     if m:
       trunk.append(((BN, _index(m[2])), BN, f"base_model/{m[1]}", m[3], name))
       continue
-    m = re.fullmatch(rf"head_contrastive/n?l_(\d+)/(dense|batch_normalization)/(\w+)", name)
+    m = re.fullmatch(r"head_contrastive/n?l_(\d+)/(dense|batch_normalization)/(\w+)", name)
     if m:
       kind = CONV if m[2] == "dense" else BN
       heads.append(((int(m[1]), kind == BN), kind, name.rsplit("/", 1)[0], m[3], name))
@@ -131,11 +131,10 @@ def _variable_paths(graph):
 def _tf2_entry(path):
   """(group, order key, kind, layer name, param) of a reference tf2 variable path, or None."""
   text = "/".join(path)
-  sub = "|".join(re.escape(s) for s in _SUBLAYERS)
   m = re.search(r"(?:^|/)resnet_model/(.*)$", text)
   if m:
     rest = m[1]
-    s = re.fullmatch(rf"initial_conv_relu_max_pool/(\d+)/(conv2d|bn)/(\w+)", rest)
+    s = re.fullmatch(r"initial_conv_relu_max_pool/(\d+)/(conv2d|bn)/(\w+)", rest)
     if s:
       kind = CONV if s[2] == "conv2d" else BN
       return "trunk", (0, int(s[1])), kind, text.rsplit("/", 1)[0], s[3]

@@ -19,7 +19,6 @@ import time
 from typing import Optional
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_simclr import losses
@@ -144,8 +143,8 @@ class Trainer:
   # ---------------------------------------------------------------- state
 
   def restore_or_initialize(self):
-    """Resumes from model_dir's latest checkpoint; else, in finetune/distill, initialises the
-    weights from --checkpoint. Returns the step training starts at."""
+    """Resumes from model_dir's latest checkpoint (model, optimizer, step) if there is one.
+    Returns the step training starts at (0 for a new run; see initialize_from)."""
     latest = self.manager.latest_checkpoint
     if latest:
       checkpoints.check_compatible(latest, self.model)
