@@ -104,10 +104,11 @@ flags.DEFINE_string("teacher_checkpoint", None,
 flags.DEFINE_float("distill_temperature", 1.0, "Temperature tau of teacher and student.")
 flags.DEFINE_float("distill_alpha", 0.0,
                    "Weight of the supervised loss on the labelled subset (0: pure distillation).")
-for _name, _kind in (("resnet_depth", "integer"), ("width_multiplier", "float"),
+TEACHER_OVERRIDES = (("resnet_depth", "integer"), ("width_multiplier", "float"),
                      ("sk_ratio", "float"), ("se_ratio", "float"),
                      ("proj_head_mode", "string"), ("proj_out_dim", "integer"),
-                     ("num_proj_layers", "integer"), ("ft_proj_selector", "integer")):
+                     ("num_proj_layers", "integer"), ("ft_proj_selector", "integer"))
+for _name, _kind in TEACHER_OVERRIDES:
   getattr(flags, f"DEFINE_{_kind}")(f"teacher_{_name}", None,
                                     f"Override of the teacher's {_name} (default: its flags.json).")
 
@@ -237,8 +238,7 @@ def load_teacher(strategy, num_classes):
   # How the teacher's BN was run in its own training does not matter for inference here.
   for name in ("global_bn", "batch_norm_decay", "num_classes"):
     overrides.pop(name, None)
-  for name in ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio", "proj_head_mode",
-               "proj_out_dim", "num_proj_layers", "ft_proj_selector"):
+  for name, _ in TEACHER_OVERRIDES:
     if getattr(FLAGS, f"teacher_{name}") is not None:
       overrides[name] = getattr(FLAGS, f"teacher_{name}")
   teacher_classes = checkpoints.checkpoint_num_classes(prefix)
@@ -320,7 +320,7 @@ def run(argv):
                                 distill_alpha=FLAGS.distill_alpha),
       is_chief=is_chief)
   try:
-    trainer = loop.Trainer(spec, teacher=teacher)
+    trainer = loop.Trainer(spec, teacher=teacher, info=info)
   except ValueError as e:  # batch sizes that do not fit the data or the replicas
     raise app.UsageError(str(e))
 

@@ -75,8 +75,8 @@ class Trainer:
   """Builds model, optimizer, checkpoint and the distributed step functions of a run."""
 
   def __init__(self, spec: RunSpec, teacher=None, info=None):
-    """`info` (a datasets.DatasetInfo) skips reading the dataset's sizes: the training-step
-    benchmark runs the same step on in-memory tensors without any dataset."""
+    """`info` (a datasets.DatasetInfo) skips reading the dataset's sizes again: run.py has
+    read them already, and the training-step benchmark runs without any dataset."""
     self.spec = spec
     cfg = spec.train_cfg
     self.strategy = spec.strategy
@@ -426,8 +426,7 @@ def _accuracy(labels, logits):
 
 
 def _agreement(teacher_logits, logits):
-  return tf.reduce_mean(tf.cast(
-      tf.equal(tf.argmax(teacher_logits, -1), tf.argmax(logits, -1)), tf.float32))
+  return _accuracy(tf.argmax(teacher_logits, -1), logits)
 
 
 def _in_top_k(labels, logits, k):
