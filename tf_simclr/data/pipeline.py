@@ -248,11 +248,13 @@ def _decode_crop(cfg, views, boxes_fn):
 
 def _streaming_train(source, cfg, b, views, first_position, num_pipelines, pipeline_id):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  ctx = tf.distribute.InputContext(num_pipelines, pipeline_id)
+  # Each pipeline reads its own even share of the examples: sharding by file (TFDS's
+  # input_context) fails when a split has fewer files than pipelines.
   ds = source.builder.as_dataset(
-      split=source.split, shuffle_files=True, decoders={"image": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(input_context=ctx, shuffle_seed=cfg.seed,
-                                  interleave_cycle_length=16, interleave_block_length=1))
+      split=tfds.even_splits(source.split, n=num_pipelines)[pipeline_id], shuffle_files=True,
+      decoders={"image": tfds.decode.SkipDecoding()},
+      read_config=tfds.ReadConfig(shuffle_seed=cfg.seed, interleave_cycle_length=16,
+                                  interleave_block_length=1))
   buffer = _SHUFFLE_BATCHES_SMALL if cfg.image_size <= 32 else _SHUFFLE_BATCHES_LARGE
   ds = ds.shuffle(b * buffer, seed=cfg.seed).repeat()
   # Positions interleave the pipelines, so no two pipelines share augmentation draws.
