@@ -193,3 +193,69 @@ def test_fused_batch_norm_equals_keras_batch_norm(shape):
     np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(ours(x, training=False), keras_bn(x, training=False),
                              rtol=1e-5, atol=1e-5)
+
+
+_BN_ACCURACY_SCRIPT = textwrap.dedent("""
+    import json
+    import numpy as np
+    import tensorflow as tf
+    R = 4
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * R)
+    from tf_simclr.models.resnet import BatchNorm
+
+    rng = np.random.default_rng(3)
+    # |mean| / std = 1000: E[x^2] - E[x]^2 in float32 would lose all but ~2 digits.
+    x = (1000.0 + rng.normal(size=(128, 28, 28, 4))).astype(np.float32)
+    w = rng.normal(size=x.shape).astype(np.float32)  # d loss / d y
+
+    def run(strategy):
+      with strategy.scope():
+        bn = BatchNorm(momentum=0.5, epsilon=1e-5, synchronized=True)
+        bn.build(x.shape[1:] and (None,) + x.shape[1:])
+      def step(xs, ws):
+        with tf.GradientTape() as tape:
+          tape.watch(xs)
+          loss = tf.reduce_sum(bn(xs, training=True) * ws)
+        return [bn(xs, training=True)] + tape.gradient(loss, [xs, bn.gamma, bn.beta])
+      n = R if isinstance(strategy, tf.distribute.MirroredStrategy) else 1
+      data = tf.data.Dataset.from_tensors((x, w)).batch(1).map(lambda a, b: (a[0], b[0]))
+      xs, ws = next(iter(strategy.experimental_distribute_dataset(data)))
+      y, dx, dg, db = strategy.run(step, (xs, ws))
+      cat = lambda t: np.concatenate([np.asarray(v) for v in strategy.experimental_local_results(t)])
+      red = lambda t: np.asarray(strategy.reduce("SUM", t, axis=None))
+      return {"y": cat(y).tolist(), "dx": cat(dx).tolist(), "dgamma": red(dg).tolist(),
+              "dbeta": red(db).tolist(), "moving_mean": bn.moving_mean.numpy().tolist(),
+              "moving_variance": bn.moving_variance.numpy().tolist(), "replicas": n}
+
+    out = {"one": run(tf.distribute.get_strategy()),
+           "mirrored": run(tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(R)]))}
+    print(json.dumps(out))
+""")
+
+
+def test_batch_norm_statistics_are_accurate_when_the_mean_dominates():
+  """Training BN on one device (fused kernel) and synchronized over 4 replicas (two-pass
+  moments) against float64 math, on activations whose mean is 1000x their spread."""
+  out = subprocess.run([sys.executable, "-c", _BN_ACCURACY_SCRIPT], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  rng = np.random.default_rng(3)
+  x = (1000.0 + rng.normal(size=(128, 28, 28, 4))).astype(np.float32).astype(np.float64)
+  w = rng.normal(size=x.shape).astype(np.float32).astype(np.float64)
+  axes = (0, 1, 2)
+  mean, var = x.mean(axes), x.var(axes)
+  xhat = (x - mean) / np.sqrt(var + 1e-5)
+  # gamma = 1, beta = 0; loss = sum(y * w).
+  expected = {
+      "y": xhat,
+      "dx": (w - w.mean(axes) - xhat * (w * xhat).mean(axes)) / np.sqrt(var + 1e-5),
+      "dgamma": (w * xhat).sum(axes), "dbeta": w.sum(axes),
+      # One update from (0, 1) with momentum 0.5 (the step calls BN twice).
+      "moving_mean": 0.75 * mean, "moving_variance": 0.25 + 0.75 * var}
+  for name, got in results.items():
+    assert got["replicas"] == (4 if name == "mirrored" else 1)
+    for key, want in expected.items():
+      err = np.abs(np.asarray(got[key]) - want).max() / np.abs(want).max()
+      assert err < 1e-3, (name, key, err)
