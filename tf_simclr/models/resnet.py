@@ -46,11 +46,9 @@ class BatchNorm(layers.BatchNormalization):
   spent about half its time there (docs/PERFORMANCE.md). The fused kernel takes bfloat16
   activations with float32 statistics directly. Same variables and values as Keras' BN.
 
-  Training statistics are kept accurate when |mean| >> std: the kernel accumulates the mean
-  naively (over 100k values its error reached 4e-3 of std at mean/std = 1000), so its input
-  is first centred on one example's mean (BN is shift-invariant). Synchronized BN over
-  several replicas uses two-pass global moments (global mean, then the global mean of
-  squared deviations) instead of Keras' one-pass E[x^2] - E[x]^2, which lost 23% there.
+  Synchronized BN over several replicas computes two-pass global moments (global mean, then
+  the global mean of squared deviations): Keras' one-pass E[x^2] - E[x]^2 loses digits when
+  |mean| >> std (23% of the output at mean/std = 1000, tests/test_model.py).
   """
 
   def call(self, inputs, training=None, mask=None):
@@ -67,12 +65,8 @@ class BatchNorm(layers.BatchNormalization):
       if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
         y, mean, variance = self._synchronized(x, gamma, beta, ctx)
       else:
-        # Centring on one example's mean costs one subtraction; on a small model it cut the
-        # largest fp32 gradient error against float64 from 13% to 1% (docs/DISTRIBUTED.md).
-        shift = tf.stop_gradient(tf.reduce_mean(x[0], axis=[0, 1]))
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x - shift, gamma, beta, epsilon=self.epsilon, is_training=True)
-        mean += tf.cast(shift, tf.float32)
+            x, gamma, beta, epsilon=self.epsilon, is_training=True)
         # The kernel returns the unbiased variance; Keras' moving variance uses the biased one.
         n = tf.cast(tf.size(x) // x.shape[-1], tf.float32)
         variance = variance * (n - 1) / n
@@ -89,13 +83,11 @@ class BatchNorm(layers.BatchNormalization):
 
   def _synchronized(self, x, gamma, beta, ctx):
     """Training-mode BN with two-pass moments over the batch of all replicas."""
-    def total(t):
-      return ctx.all_reduce("SUM", t)
     x = tf.cast(x, tf.float32)
     axes = [0, 1, 2]
-    count = total(tf.cast(tf.size(x) // x.shape[-1], tf.float32))
-    mean = total(tf.reduce_sum(x, axes)) / count
-    variance = total(tf.reduce_sum(tf.square(x - mean), axes)) / count
+    count = ctx.all_reduce("SUM", tf.cast(tf.size(x) // x.shape[-1], tf.float32))
+    mean = ctx.all_reduce("SUM", tf.reduce_sum(x, axes)) / count
+    variance = ctx.all_reduce("SUM", tf.reduce_sum(tf.square(x - mean), axes)) / count
     y = (x - mean) * (gamma * tf.math.rsqrt(variance + self.epsilon)) + beta
     return y, mean, variance
 
