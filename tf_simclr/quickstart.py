@@ -24,7 +24,7 @@ from absl import app, flags
 
 flags.DEFINE_string("out", "runs/quickstart", "Output directory of every stage and the results.")
 flags.DEFINE_enum("recipe", "fashion_mnist", ["fashion_mnist", "fashion_mnist_full"],
-                  "Flagfile family: the ~20-minute quickstart or the longer recipe (hours).")
+                  "Flagfile family: the ~20-minute quickstart or the longer recipe (~1-1.5 h).")
 flags.DEFINE_list("label_fractions", ["0.01", "0.1"], "Label fractions to fine-tune on.")
 flags.DEFINE_list("extra_flags", [], "Flags appended to every stage (e.g. --train_steps=5 "
                   "for a smoke test).")
