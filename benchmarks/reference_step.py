@@ -52,12 +52,12 @@ against `python -m tf_simclr.summary` that both build the same network.
 
 import json
 import os
-import resource
-import statistics
 import sys
 import time
 
 from absl import app, flags
+
+from timing import peak_rss_mb, step_summary  # benchmarks/timing.py, next to this script
 
 # Before TensorFlow is imported: makes tf.keras the Keras 2 (tf_keras) the reference needs.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
@@ -116,9 +116,6 @@ flags.DEFINE_integer("train_epochs", 100, "Number of epochs to train for.")
 flags.DEFINE_integer("train_steps", 0, "Steps to train for; overrides train_epochs if set.")
 FLAGS = flags.FLAGS
 
-
-def peak_rss_mb():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def import_reference(reference_dir):
@@ -238,11 +235,7 @@ def main(_):
       "image_size": size, "resnet_depth": FLAGS.resnet_depth, "sk_ratio": FLAGS.sk_ratio,
       "width_multiplier": FLAGS.width_multiplier, "use_blur": FLAGS.use_blur,
       "global_bn": FLAGS.global_bn, "optimizer": FLAGS.optimizer, "steps": len(times),
-      "step_time_s": statistics.median(times), "step_time_min_s": min(times),
-      "step_time_max_s": max(times), "step_times_s": times,
-      "images_per_sec": batch_size / statistics.median(times),
-      "images_per_sec_min": batch_size / max(times),
-      "images_per_sec_max": batch_size / min(times),
+      **step_summary(times, batch_size),
       "first_call_s": first_call_s, "rss_before_timing_mb": rss_before_timing,
       "loss": losses[-1], "losses": losses,
       "trainable_params": count(model.trainable_variables),

@@ -23,13 +23,13 @@ peak_rss_mb, gflops_per_sec, matmul_peak_gflops, ...). images/s counts input ima
 
 import json
 import os
-import resource
-import statistics
 import sys
 import tempfile
 import time
 
 from absl import app, flags
+
+from timing import peak_rss_mb, step_summary  # benchmarks/timing.py, next to this script
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -63,9 +63,6 @@ flags.DEFINE_string("profile_dir", None, "Write a TF profiler trace of the timed
 flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
 FLAGS = flags.FLAGS
 
-
-def peak_rss_mb():
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def matmul_peak_gflops(tf, n, reps=4, trials=3):
@@ -217,11 +214,7 @@ def main(_):
       "batch_size": batch_size, "image_size": size, "resnet_depth": model_cfg.resnet_depth,
       "sk_ratio": model_cfg.sk_ratio, "optimizer": FLAGS.optimizer,
       "steps": len(times) * FLAGS.steps_per_call, "steps_per_call": FLAGS.steps_per_call,
-      "step_time_s": statistics.median(times), "step_time_min_s": min(times),
-      "step_time_max_s": max(times), "step_times_s": times,
-      "images_per_sec": batch_size / statistics.median(times),
-      "images_per_sec_min": batch_size / max(times),
-      "images_per_sec_max": batch_size / min(times),
+      **step_summary(times, batch_size),
       "first_call_s": first_call_s, "rss_before_timing_mb": rss_before_timing,
       "matmul_peak_gflops": peak, "loss": loss,
       "compute_dtype": keras.mixed_precision.global_policy().compute_dtype,
