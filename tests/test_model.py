@@ -212,7 +212,7 @@ _BN_ACCURACY_SCRIPT = textwrap.dedent("""
     def run(strategy):
       with strategy.scope():
         bn = BatchNorm(momentum=0.5, epsilon=1e-5, synchronized=True)
-        bn.build(x.shape[1:] and (None,) + x.shape[1:])
+        bn.build((None,) + x.shape[1:])
       def step(xs, ws):
         with tf.GradientTape() as tape:
           tape.watch(xs)
@@ -252,7 +252,7 @@ def test_batch_norm_statistics_are_accurate_when_the_mean_dominates():
       "y": xhat,
       "dx": (w - w.mean(axes) - xhat * (w * xhat).mean(axes)) / np.sqrt(var + 1e-5),
       "dgamma": (w * xhat).sum(axes), "dbeta": w.sum(axes),
-      # One update from (0, 1) with momentum 0.5 (the step calls BN twice).
+      # The step calls BN twice: two updates from (0, 1) with momentum 0.5.
       "moving_mean": 0.75 * mean, "moving_variance": 0.25 + 0.75 * var}
   # Keras' one-pass synchronized moments are 23% off here. The fused kernel accumulates the
   # mean naively: ~1e-3 of the output over these 100k values per channel.

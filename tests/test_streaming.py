@@ -47,8 +47,6 @@ def test_streamed_epochs_cover_each_pipelines_share(streaming, num_pipelines):
     expected = np.bincount(tfds_labels(f"train[{i * share}:{(i + 1) * share}]"), minlength=10)
     first_epoch = np.concatenate([x["label"] for x in xs[:share // 32]])
     assert np.abs(np.bincount(first_epoch, minlength=10) - expected).sum() <= 8
-    both = np.concatenate([x["label"] for x in xs])
-    np.testing.assert_array_equal(np.bincount(both, minlength=10)[expected > 0] > 0, True)
   if num_pipelines == 2:
     # The two shares differ, so reading the same share twice would fail the check above.
     halves = [np.bincount(tfds_labels(s), minlength=10) for s in ("train[:256]", "train[256:512]")]
