@@ -57,7 +57,8 @@ import time
 
 from absl import app, flags
 
-from timing import peak_rss_mb, step_summary  # benchmarks/timing.py, next to this script
+# benchmarks/timing.py, next to this script.
+from timing import peak_rss_mb, print_step_summary, step_summary
 
 # Before TensorFlow is imported: makes tf.keras the Keras 2 (tf_keras) the reference needs.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
@@ -115,7 +116,6 @@ flags.DEFINE_float("warmup_epochs", 10, "Number of epochs of warmup.")
 flags.DEFINE_integer("train_epochs", 100, "Number of epochs to train for.")
 flags.DEFINE_integer("train_steps", 0, "Steps to train for; overrides train_epochs if set.")
 FLAGS = flags.FLAGS
-
 
 
 def import_reference(reference_dir):
@@ -252,11 +252,7 @@ def main(_):
   print(f"reference {FLAGS.preset} {FLAGS.train_mode}: batch {batch_size} of {size}x{size} "
         f"({views} view(s), blur {'on' if FLAGS.use_blur and pretrain else 'off'}), "
         f"{r['steps']} timed steps")
-  print(f"  images/s   median {r['images_per_sec']:.2f}  min {r['images_per_sec_min']:.2f}  "
-        f"max {r['images_per_sec_max']:.2f}")
-  print(f"  step time  median {r['step_time_s']:.3f} s  min {r['step_time_min_s']:.3f} s  "
-        f"max {r['step_time_max_s']:.3f} s  (first call incl. tracing {first_call_s:.1f} s)")
-  print(f"  peak RSS   {r['peak_rss_mb']:.0f} MB")
+  print_step_summary(r)
   print(f"  params     {r['trainable_params']:,} trainable (trunk {r['trunk_params']:,}, "
         f"projection head {r['projection_head_params']:,}, supervised head "
         f"{r['supervised_head_params']:,})")

@@ -15,3 +15,12 @@ def step_summary(times, batch_size):
           "step_times_s": times, "images_per_sec": batch_size / median,
           "images_per_sec_min": batch_size / max(times),
           "images_per_sec_max": batch_size / min(times)}
+
+
+def print_step_summary(r):
+  """The images/s, step time and peak RSS lines of a benchmark result `r`."""
+  print(f"  images/s   median {r['images_per_sec']:.2f}  min {r['images_per_sec_min']:.2f}  "
+        f"max {r['images_per_sec_max']:.2f}")
+  print(f"  step time  median {r['step_time_s']:.3f} s  min {r['step_time_min_s']:.3f} s  "
+        f"max {r['step_time_max_s']:.3f} s  (first call incl. tracing {r['first_call_s']:.1f} s)")
+  print(f"  peak RSS   {r['peak_rss_mb']:.0f} MB")

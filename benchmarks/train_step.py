@@ -29,7 +29,8 @@ import time
 
 from absl import app, flags
 
-from timing import peak_rss_mb, step_summary  # benchmarks/timing.py, next to this script
+# benchmarks/timing.py, next to this script.
+from timing import peak_rss_mb, print_step_summary, step_summary
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -62,7 +63,6 @@ flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the fp3
 flags.DEFINE_string("profile_dir", None, "Write a TF profiler trace of the timed steps here.")
 flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
 FLAGS = flags.FLAGS
-
 
 
 def matmul_peak_gflops(tf, n, reps=4, trials=3):
@@ -255,11 +255,7 @@ def main(_):
   r = result
   print(f"{FLAGS.preset} {FLAGS.train_mode} {FLAGS.precision}: batch {batch_size} of "
         f"{size}x{size} ({views} view(s)), {r['steps']} timed steps")
-  print(f"  images/s   median {r['images_per_sec']:.2f}  min {r['images_per_sec_min']:.2f}  "
-        f"max {r['images_per_sec_max']:.2f}")
-  print(f"  step time  median {r['step_time_s']:.3f} s  min {r['step_time_min_s']:.3f} s  "
-        f"max {r['step_time_max_s']:.3f} s  (first call incl. tracing {first_call_s:.1f} s)")
-  print(f"  peak RSS   {r['peak_rss_mb']:.0f} MB")
+  print_step_summary(r)
   if FLAGS.count_flops:
     print(f"  FLOPs      {r['step_gflop']:.1f} GFLOP/step counted on the step graph "
           f"(3x forward estimate {r['forward_gflop_x3']:.1f}); "
