@@ -14,7 +14,8 @@ import sys
 import tf_simclr  # noqa: F401  (quiets TensorFlow's start-up logging)
 from absl import app, flags, logging
 
-from tf_simclr.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+from tf_simclr.config import (DataConfig, DistillConfig, ModelConfig, TrainConfig,
+                              resolve_recompute_block_groups)
 
 # --------------------------------------------------------------------------- flags
 
@@ -62,6 +63,11 @@ flags.DEFINE_integer("ft_proj_selector", 0,
 flags.DEFINE_integer("fine_tune_after_block", -1,
                      "Fine-tune only after this block (-1: all; 0: after the stem; "
                      "4: only the heads).")
+flags.DEFINE_integer("recompute_block_groups", -1,
+                     "Keep only each block's input in block groups 1..k and recompute their "
+                     "activations in the backward pass: less memory for about one more forward "
+                     "of those groups (0: keep everything; -1: 1 in float32, 0 under mixed "
+                     "precision; docs/PERFORMANCE.md).")
 flags.DEFINE_bool("zero_init_logits_layer", False,
                   "Zero-initialise the supervised head when initialising from --checkpoint.")
 
@@ -139,7 +145,9 @@ def model_config(num_classes, overrides=None) -> ModelConfig:
       num_proj_layers=FLAGS.num_proj_layers, ft_proj_selector=FLAGS.ft_proj_selector,
       num_classes=num_classes,
       fine_tune_after_block=(FLAGS.fine_tune_after_block if FLAGS.train_mode == "finetune"
-                             else -1))
+                             else -1),
+      recompute_block_groups=resolve_recompute_block_groups(
+          FLAGS.recompute_block_groups, FLAGS.precision))
   values.update(overrides or {})
   return ModelConfig(**values)
 

@@ -58,6 +58,9 @@ flags.DEFINE_integer("proj_out_dim", 128, "Projection head output width.")
 flags.DEFINE_enum("optimizer", "lars", ["lars", "momentum", "adam"], "Optimizer.")
 flags.DEFINE_bool("lineareval_while_pretraining", True, "Linear eval head while pretraining.")
 flags.DEFINE_bool("global_bn", True, "Synchronized BN (as the reference recipe).")
+flags.DEFINE_integer("recompute_block_groups", -1,
+                     "Recompute block groups 1..k in the backward pass (less memory); -1: "
+                     "run.py's default for --precision.")
 flags.DEFINE_bool("count_flops", True, "Count the step's FLOPs on its traced graph.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the fp32 peak.")
 flags.DEFINE_string("profile_dir", None, "Write a TF profiler trace of the timed steps here.")
@@ -137,7 +140,8 @@ def main(_):
   import tensorflow as tf
 
   from tf_simclr import strategy as strategy_lib
-  from tf_simclr.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
+  from tf_simclr.config import (DataConfig, DistillConfig, ModelConfig, TrainConfig,
+                                resolve_recompute_block_groups)
   from tf_simclr.data.datasets import DatasetInfo
   from tf_simclr.models.simclr import build_model
   from tf_simclr.train import loop
@@ -157,9 +161,10 @@ def main(_):
   keras.utils.set_random_seed(0)
   if FLAGS.precision != "float32":
     keras.mixed_precision.set_global_policy(FLAGS.precision)
+  recompute = resolve_recompute_block_groups(FLAGS.recompute_block_groups, FLAGS.precision)
   model_cfg = ModelConfig(num_classes=num_classes, width_multiplier=FLAGS.width_multiplier,
                           proj_out_dim=FLAGS.proj_out_dim, global_bn=FLAGS.global_bn,
-                          **overrides)
+                          recompute_block_groups=recompute, **overrides)
   train_cfg = TrainConfig(
       train_mode=FLAGS.train_mode, train_batch_size=batch_size, train_steps=10**6,
       checkpoint_steps=10**6, optimizer=FLAGS.optimizer, precision=FLAGS.precision,
@@ -212,6 +217,7 @@ def main(_):
   result = {
       "preset": FLAGS.preset, "train_mode": FLAGS.train_mode, "precision": FLAGS.precision,
       "batch_size": batch_size, "image_size": size, "resnet_depth": model_cfg.resnet_depth,
+      "recompute_block_groups": recompute,
       "sk_ratio": model_cfg.sk_ratio, "optimizer": FLAGS.optimizer,
       "steps": len(times) * FLAGS.steps_per_call, "steps_per_call": FLAGS.steps_per_call,
       **step_summary(times, batch_size),
@@ -253,8 +259,9 @@ def main(_):
   result["peak_rss_mb"] = peak_rss_mb()
 
   r = result
+  recomputed = f", block groups 1-{recompute} recomputed" if recompute else ""
   print(f"{FLAGS.preset} {FLAGS.train_mode} {FLAGS.precision}: batch {batch_size} of "
-        f"{size}x{size} ({views} view(s)), {r['steps']} timed steps")
+        f"{size}x{size} ({views} view(s)), {r['steps']} timed steps{recomputed}")
   print_step_summary(r)
   if FLAGS.count_flops:
     print(f"  FLOPs      {r['step_gflop']:.1f} GFLOP/step counted on the step graph "

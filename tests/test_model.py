@@ -78,6 +78,8 @@ def test_bad_selector_and_block_are_clear_errors():
     tiny(ft_proj_selector=4).validate()
   with pytest.raises(ValueError, match="fine_tune_after_block=5 must be in -1..4"):
     tiny(fine_tune_after_block=5).validate()
+  with pytest.raises(ValueError, match="recompute_block_groups=-2 must be in 0..4"):
+    tiny(recompute_block_groups=-2).validate()
   with pytest.raises(ValueError, match="resnet_depth=20"):
     tiny(resnet_depth=20).validate()
 
@@ -262,3 +264,51 @@ def test_batch_norm_statistics_are_accurate_when_the_mean_dominates():
     for key, want in expected.items():
       err = np.abs(np.asarray(got[key]) - want).max() / np.abs(want).max()
       assert err < tolerance[name], (name, key, err)
+
+
+
+@pytest.mark.parametrize("kwargs, groups", [
+    (dict(resnet_depth=18), 2),
+    (dict(resnet_depth=50, width_multiplier=0.125, sk_ratio=0.0625), 1),
+])
+def test_recomputed_blocks_give_the_same_step(kwargs, groups):
+  """Recomputing block groups 1..k in the backward pass gives the same loss, gradients and
+  BN moving statistics (updated once, not again by the recomputation), and really runs
+  those groups' convolutions twice."""
+  import keras
+  x = tf.constant(np.random.default_rng(0).random((8, 32, 32, 3)), tf.float32)
+  results = []
+  for k in (0, groups):
+    model = build_model(tiny(recompute_block_groups=k, **kwargs))
+    model(x[:1])
+    if results:  # the same initial weights
+      for target, source in zip(model.weights, results[0]["init"]):
+        target.assign(source)
+    init = [w.numpy() for w in model.weights]
+    stats_before = [w.numpy() for w in model.non_trainable_weights]
+
+    @tf.function
+    def step(images, model=model):
+      with tf.GradientTape() as tape:
+        out = model(images, training=True)
+        loss = sum(tf.reduce_sum(tf.square(out[name])) for name in OUTPUT_NAMES)
+      return loss, tape.gradient(loss, model.trainable_weights)
+
+    loss, grads = step(x)
+    ops = step.get_concrete_function(x).graph.get_operations()
+    group_convs = sum(isinstance(layer, keras.layers.Conv2D)
+                      for g in range(1, k + 1)
+                      for layer in model.resnet.get_layer(f"block_group{g}")._flatten_layers())
+    results.append({"init": init, "loss": loss.numpy(), "grads": [g.numpy() for g in grads],
+                    "stats_before": stats_before,
+                    "stats": [w.numpy() for w in model.non_trainable_weights],
+                    "convs": sum(op.type == "Conv2D" for op in ops), "group_convs": group_convs})
+  plain, recomputed = results
+  assert recomputed["group_convs"] > 0
+  assert recomputed["convs"] == plain["convs"] + recomputed["group_convs"]
+  assert recomputed["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+  for a, b in zip(plain["grads"], recomputed["grads"]):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6 * np.abs(a).max())
+  for a, b, before in zip(plain["stats"], recomputed["stats"], recomputed["stats_before"]):
+    assert not np.array_equal(b, before)
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-7)

@@ -115,6 +115,7 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
     (["--ft_proj_selector=4"], "ft_proj_selector=4 must be in 0..3"),
     (["--fine_tune_after_block=5", "--train_mode=finetune"],
      "fine_tune_after_block=5 must be in -1..4"),
+    (["--recompute_block_groups=5"], "recompute_block_groups=5 must be in 0..4"),
     (["--train_batch_size=0"], "--train_batch_size must be > 0"),
     (["--num_cpu_replicas=3"], "not divisible by --num_cpu_replicas=3"),
     (["--train_label_fraction=1.5"], "--train_label_fraction must be in (0, 1]"),

@@ -31,6 +31,10 @@ class ModelConfig:
   # -1 trains everything; k in 0..4 stops gradients and freezes BN below block group k+1
   # (0: after the stem, 4: only the heads). Only meaningful when fine-tuning.
   fine_tune_after_block: int = -1
+  # Block groups 1..k keep only each block's input for the backward pass and recompute the
+  # rest there (less memory, about one more forward of those groups; models/recompute.py).
+  # Changes no variable and no result: checkpoints and exports do not depend on it.
+  recompute_block_groups: int = 0
 
   @property
   def cifar_stem(self) -> bool:
@@ -62,6 +66,22 @@ class ModelConfig:
                        f"(proj_head_mode={self.proj_head_mode}, num_proj_layers={self.num_proj_layers})")
     if not -1 <= self.fine_tune_after_block <= 4:
       raise ValueError(f"fine_tune_after_block={self.fine_tune_after_block} must be in -1..4")
+    if not 0 <= self.recompute_block_groups <= 4:
+      raise ValueError(
+          f"recompute_block_groups={self.recompute_block_groups} must be in 0..4")
+
+
+def resolve_recompute_block_groups(requested: int, precision: str) -> int:
+  """ModelConfig.recompute_block_groups for a flag value; -1 chooses by precision.
+
+  Float32 activations take twice the bytes of mixed precision's: recomputing block group 1
+  (the highest resolution) brings a float32 step's peak memory to 0.65-0.8x the reference
+  implementation's for ~10% more step time; mixed precision is there without it
+  (docs/PERFORMANCE.md).
+  """
+  if requested != -1:
+    return requested
+  return 1 if precision == "float32" else 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,16 +32,16 @@ _IMAGES = tf.TensorSpec([None, None, None, 3], tf.float32, name="images")
 
 
 def _export_copy(model, model_cfg: ModelConfig):
-  """A fully trainable float32 single-device copy of `model` with the same weights.
+  """A float32 single-device copy of `model` with the same weights, built from model_cfg.
 
-  Exports then neither depend on the training run's strategy (mirrored variables), precision
-  policy, frozen blocks nor linear-eval stop-gradient: whoever reuses the model decides.
+  Exports then neither depend on the training run's strategy (mirrored variables) nor
+  precision policy.
   BN is not synchronized in the copy: on one device it computes the same, and synchronized
   BN's all-reduce has a custom gradient whose own gradient a SavedModel cannot keep (loading
   then warns about "unsaved custom gradients"). An exported training endpoint never
   synchronizes BN across replicas anyway.
   """
-  cfg = dataclasses.replace(model_cfg, fine_tune_after_block=-1, global_bn=False)
+  cfg = dataclasses.replace(model_cfg, global_bn=False)
   policy = keras.config.dtype_policy()
   keras.config.set_dtype_policy("float32")
   try:
@@ -64,6 +64,9 @@ def export_saved_model(model, export_dir, model_cfg: ModelConfig, step=None):
 
   Call it outside any strategy scope. Not atomic: see `export_run` for that.
   """
+  # Fully trainable, without linear-eval stop-gradient or recomputation (a training-memory
+  # choice): whoever reuses the model decides.
+  model_cfg = dataclasses.replace(model_cfg, fine_tune_after_block=-1, recompute_block_groups=0)
   model = _export_copy(model, model_cfg)
 
   def outputs(images, training):
@@ -92,7 +95,6 @@ def export_saved_model(model, export_dir, model_cfg: ModelConfig, step=None):
   archive.write_out(export_dir, verbose=False,
                     options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
   config = dataclasses.asdict(model_cfg)
-  config["fine_tune_after_block"] = -1
   if step is not None:
     config["global_step"] = int(step)
   with tf.io.gfile.GFile(os.path.join(export_dir, CONFIG_FILE), "w") as f:

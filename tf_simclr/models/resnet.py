@@ -13,6 +13,7 @@ import tensorflow as tf
 from keras import layers, ops
 
 from tf_simclr.config import ModelConfig
+from tf_simclr.models import recompute
 
 BATCH_NORM_EPSILON = 1e-5
 
@@ -46,50 +47,60 @@ class BatchNorm(layers.BatchNormalization):
   spent about half its time there (docs/PERFORMANCE.md). The fused kernel takes bfloat16
   activations with float32 statistics directly. Same variables and values as Keras' BN.
 
-  Synchronized BN over several replicas computes two-pass global moments (global mean, then
-  the global mean of squared deviations): Keras' one-pass E[x^2] - E[x]^2 loses digits when
-  |mean| >> std (23% of the output at mean/std = 1000, tests/test_model.py).
+  Synchronized BN over several replicas, and dtypes the kernel lacks (float64 checks),
+  compute two-pass moments (the mean, then the mean of squared deviations): Keras' one-pass
+  E[x^2] - E[x]^2 loses digits when |mean| >> std (23% of the output at mean/std = 1000,
+  tests/test_model.py).
   """
 
   def call(self, inputs, training=None, mask=None):
-    if inputs.dtype not in (tf.float16, tf.bfloat16, tf.float32):  # e.g. float64 checks
-      return super().call(inputs, training=training, mask=mask)
     x = inputs
     if len(inputs.shape) == 2:
       x = tf.reshape(x, [-1, 1, 1, inputs.shape[-1]])
     ones = tf.ones_like(self.moving_mean)
     gamma = tf.convert_to_tensor(self.gamma) if self.scale else ones
     beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros_like(ones)
+    fused = inputs.dtype in (tf.float16, tf.bfloat16, tf.float32)
     if training and self.trainable:
       ctx = tf.distribute.get_replica_context()
       if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
-        y, mean, variance = self._synchronized(x, gamma, beta, ctx)
+        y, mean, variance = self._two_pass(x, gamma, beta, ctx)
+      elif not fused:
+        y, mean, variance = self._two_pass(x, gamma, beta, None)
       else:
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
             x, gamma, beta, epsilon=self.epsilon, is_training=True)
         # The kernel returns the unbiased variance; Keras' moving variance uses the biased one.
         n = tf.cast(tf.size(x) // x.shape[-1], tf.float32)
         variance = variance * (n - 1) / n
-      self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
-      self.moving_variance.assign(
-          self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
-    else:
+      # A block recomputed in the backward pass updated the statistics in its first forward.
+      if not recompute.is_recomputing():
+        self.moving_mean.assign(
+            self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+    elif fused:
       y, _, _ = tf.compat.v1.nn.fused_batch_norm(
           x, gamma, beta, mean=self.moving_mean, variance=self.moving_variance,
           epsilon=self.epsilon, is_training=False)
+    else:
+      y = self._normalize(x, self.moving_mean, self.moving_variance, gamma, beta)
     if len(inputs.shape) == 2:
       y = tf.reshape(y, tf.shape(inputs))
     return tf.cast(y, self.compute_dtype)
 
-  def _synchronized(self, x, gamma, beta, ctx):
-    """Training-mode BN with two-pass moments over the batch of all replicas."""
-    x = tf.cast(x, tf.float32)
+  def _two_pass(self, x, gamma, beta, ctx):
+    """Training-mode BN with two-pass moments over this batch, or all replicas' with ctx."""
+    x = tf.cast(x, self.moving_mean.dtype)  # float32 statistics under mixed precision
+    total = (lambda t: ctx.all_reduce("SUM", t)) if ctx is not None else (lambda t: t)
     axes = [0, 1, 2]
-    count = ctx.all_reduce("SUM", tf.cast(tf.size(x) // x.shape[-1], tf.float32))
-    mean = ctx.all_reduce("SUM", tf.reduce_sum(x, axes)) / count
-    variance = ctx.all_reduce("SUM", tf.reduce_sum(tf.square(x - mean), axes)) / count
-    y = (x - mean) * (gamma * tf.math.rsqrt(variance + self.epsilon)) + beta
-    return y, mean, variance
+    count = total(tf.cast(tf.size(x) // x.shape[-1], x.dtype))
+    mean = total(tf.reduce_sum(x, axes)) / count
+    variance = total(tf.reduce_sum(tf.square(x - mean), axes)) / count
+    return self._normalize(x, mean, variance, gamma, beta), mean, variance
+
+  def _normalize(self, x, mean, variance, gamma, beta):
+    return (x - mean) * (gamma * tf.math.rsqrt(variance + self.epsilon)) + beta
 
 
 def batch_norm(cfg: ModelConfig, name, init_zero=False, center=True):
@@ -242,8 +253,10 @@ class BottleneckBlock(layers.Layer):
 class BlockGroup(layers.Layer):
   """A stage of blocks at one resolution; the first block changes width and stride."""
 
-  def __init__(self, cfg, block_type, filters, num_blocks, strides, **kwargs):
+  def __init__(self, cfg, block_type, filters, num_blocks, strides, recompute_blocks=False,
+               **kwargs):
     super().__init__(**kwargs)
+    self.recompute_blocks = recompute_blocks
     block_cls = BasicBlock if block_type == "basic" else BottleneckBlock
     self.num_blocks = num_blocks
     for i in range(num_blocks):
@@ -252,7 +265,11 @@ class BlockGroup(layers.Layer):
 
   def call(self, inputs, training=None):
     for i in range(self.num_blocks):
-      inputs = getattr(self, f"block_{i}")(inputs, training=training)
+      block = getattr(self, f"block_{i}")
+      if training and self.trainable and self.recompute_blocks:
+        inputs = recompute.recomputed(lambda x, b=block: b(x, training=True), inputs)
+      else:
+        inputs = block(inputs, training=training)
     return inputs
 
 
@@ -301,7 +318,8 @@ def build_resnet(cfg: ModelConfig, name="resnet") -> keras.Model:
     if freeze_below == g:
       x = ops.stop_gradient(x)
     group = BlockGroup(cfg, block_type, scaled_width(64 * 2**g, cfg.width_multiplier),
-                       num_blocks[g], strides=1 if g == 0 else 2, name=f"block_group{g + 1}")
+                       num_blocks[g], strides=1 if g == 0 else 2,
+                       recompute_blocks=g < cfg.recompute_block_groups, name=f"block_group{g + 1}")
     group.trainable = freeze_below == -1 or freeze_below <= g
     x = group(x)
     outputs[f"block_group{g + 1}"] = x
