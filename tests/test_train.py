@@ -59,6 +59,32 @@ def test_pretrain_writes_checkpoints_results_and_summaries(pretrained):
   assert tf.io.gfile.glob(os.path.join(model_dir, "train", "events.out.tfevents.*"))
 
 
+def test_image_summary_shows_the_first_training_images(pretrained):
+  """The step-0 image summary holds both views of the first 4 images of step 1's batch."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tf_simclr.config import DataConfig
+  from tf_simclr.data import pipeline
+  model_dir, _ = pretrained
+  events = event_accumulator.EventAccumulator(os.path.join(model_dir, "train"),
+                                              size_guidance={"tensors": 0})
+  events.Reload()
+  cfg = DataConfig(dataset="fashion_mnist", train_split="train[:2048]", eval_split="test[:512]",
+                   image_size=16, cache_dataset=True, seed=1)
+  batch = next(iter(pipeline.build_train_dataset(
+      tf.distribute.get_strategy(), cfg, global_batch_size=64, train_mode="pretrain",
+      subset="all")))
+  for view in (1, 2):
+    (event,) = events.Tensors(f"augmented_images/view_{view}")
+    assert event.step == 0
+    # [width, height, png_1, ..., png_4]
+    pngs = tf.make_ndarray(event.tensor_proto)[2:]
+    assert len(pngs) == 4
+    shown = np.stack([tf.io.decode_png(png).numpy() for png in pngs]).astype(np.float32) / 255
+    expected = batch["image"][:4, :, :, 3 * (view - 1):3 * view].numpy()
+    assert shown.shape == expected.shape == (4, 16, 16, 3)
+    np.testing.assert_allclose(shown, expected, atol=1 / 255 + 1e-6)
+
+
 def test_finetune_from_pretrained_then_distill(pretrained, tmp_path):
   pretrain_dir, _ = pretrained
   finetune_dir = str(tmp_path / "finetune")

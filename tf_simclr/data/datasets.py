@@ -67,6 +67,12 @@ class Examples:
   def __len__(self):
     return len(self.labels)
 
+  @functools.cached_property
+  def tensors(self):
+    """(images, labels) as TF tensors, made once: pipelines built on these examples share
+    them instead of each copying the arrays."""
+    return tf.constant(self.images), tf.constant(self.labels)
+
   def take(self, indices):
     return Examples(self.images[indices], self.labels[indices], self.kind)
 

@@ -32,17 +32,19 @@ _EVAL_CROP_MIN_SIZE = 33
 
 
 def build_train_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, train_mode: str,
-                        subset: str = "labelled", start_step: int = 0):
+                        subset: str = "labelled", start_step: int = 0, source=None):
   """Infinite distributed stream of {"image": [b, S, S, 3V], "label": [b]} per replica.
 
   V = 2 views concatenated on channels for "pretrain", 1 (crop + flip only) otherwise.
+  `source`: the examples of `subset` if already loaded (`datasets.load_train`).
   """
   if train_mode not in TRAIN_MODES:
     raise ValueError(f"train_mode={train_mode!r} is not one of {TRAIN_MODES}")
   _check_batch(strategy, global_batch_size)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
-  source = datasets.load_train(cfg, subset)
+  if source is None:
+    source = datasets.load_train(cfg, subset)
   num = len(source) if isinstance(source, datasets.Examples) else source.num_examples
   if num < global_batch_size:
     raise ValueError(f"subset {subset!r} of {cfg.dataset}:{cfg.train_split} has {num} examples, "
@@ -180,8 +182,7 @@ def _examples_at(source, positions, b, cfg, views, lookup, boxes_fn):
   """Per-replica batches {"image": [b, V, S, S, 3], "label", "mask", "u": [b*V, K]}."""
   size = cfg.image_size
   width = augment.DRAWS_PER_VIEW * views
-  labels = tf.constant(source.labels)
-  images = tf.constant(source.images)
+  images, labels = source.tensors
 
   if source.kind == "pixels":
     h, w = (float(d) for d in source.images.shape[1:3])

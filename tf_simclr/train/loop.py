@@ -266,9 +266,10 @@ class Trainer:
     if step >= self.total_steps:
       log(f"Training already finished: step {step} of {self.total_steps}")
       return step
+    source = datasets.load_train(spec.data_cfg, train_subset(self.mode))
     dataset = pipeline.build_train_dataset(
         self.strategy, spec.data_cfg, global_batch_size=cfg.train_batch_size,
-        train_mode=self.mode, subset=train_subset(self.mode), start_step=step)
+        train_mode=self.mode, subset=train_subset(self.mode), start_step=step, source=source)
     iterator = iter(dataset)
     labelled_iterator = None
     if self.mode == "distill" and spec.distill_cfg.distill_alpha > 0:
@@ -278,7 +279,7 @@ class Trainer:
     writer = (tf.summary.create_file_writer(os.path.join(spec.model_dir, "train"))
               if spec.is_chief else tf.summary.create_noop_writer())
     if step == 0 and spec.is_chief:
-      self._write_image_summary(writer)
+      self._write_image_summary(writer, source)
     train_loop = self._make_train_loop()
 
     interrupted = []
@@ -334,12 +335,13 @@ class Trainer:
       spec.export_fn(self.model, step)
     return step
 
-  def _write_image_summary(self, writer):
-    """A few augmented training images, as the model sees them (both views when pretraining)."""
-    default = tf.distribute.get_strategy()
+  def _write_image_summary(self, writer, source):
+    """A few augmented training images, as the model sees them (both views when pretraining):
+    the first ones of step 1, from the training examples already loaded."""
     batch = next(iter(pipeline.build_train_dataset(
-        default, self.spec.data_cfg, global_batch_size=self.spec.train_cfg.train_batch_size,
-        train_mode=self.mode, subset=train_subset(self.mode))))
+        tf.distribute.get_strategy(), self.spec.data_cfg,
+        global_batch_size=self.spec.train_cfg.train_batch_size, train_mode=self.mode,
+        subset=train_subset(self.mode), source=source)))
     images = batch["image"][:4]
     views = tf.split(images, images.shape[-1] // 3, axis=-1)
     with writer.as_default(step=0):
