@@ -14,6 +14,7 @@ import sys
 import tf_simclr  # noqa: F401  (quiets TensorFlow's start-up logging)
 from absl import app, flags, logging
 
+from tf_simclr import model_flags
 from tf_simclr.config import (DataConfig, DistillConfig, ModelConfig, TrainConfig,
                               resolve_recompute_block_groups)
 
@@ -42,24 +43,14 @@ flags.DEFINE_bool("cache_dataset", False, "Cache the decoded dataset in memory."
 flags.DEFINE_float("train_label_fraction", 1.0,
                    "Class-balanced seeded fraction of the training labels used by finetune "
                    "(the paper's 1%/10% protocol).")
-flags.DEFINE_integer("image_size", 224, "Input image size (<= 32 uses the CIFAR stem).")
 flags.DEFINE_float("color_jitter_strength", 1.0, "Strength s of the colour distortion.")
 flags.DEFINE_bool("use_blur", True, "Gaussian blur in pretraining augmentation.")
 
-# Model.
-flags.DEFINE_integer("resnet_depth", 50, "ResNet depth: 10, 18, 34, 50, 101, 152 or 200.")
-flags.DEFINE_float("width_multiplier", 1, "Width multiplier (integers above 1; <1 allowed).")
-flags.DEFINE_float("sk_ratio", 0.0, "Selective kernel ratio (SimCLRv2: 0.0625); 0 disables.")
-flags.DEFINE_float("se_ratio", 0.0, "Squeeze-excitation ratio; 0 disables.")
+# Model: --resnet_depth, --width_multiplier, --sk_ratio, --se_ratio, --image_size (also the
+# data's), --proj_head_mode, --proj_out_dim, --num_proj_layers, --ft_proj_selector.
+model_flags.define_architecture_flags()
 flags.DEFINE_float("batch_norm_decay", 0.9, "BN moving average decay.")
 flags.DEFINE_bool("global_bn", True, "Synchronize BN statistics across replicas.")
-flags.DEFINE_enum("proj_head_mode", "nonlinear", ["none", "linear", "nonlinear"],
-                  "Projection head type.")
-flags.DEFINE_integer("proj_out_dim", 128, "Output width of the projection head.")
-flags.DEFINE_integer("num_proj_layers", 3, "Layers of the nonlinear projection head.")
-flags.DEFINE_integer("ft_proj_selector", 0,
-                     "Projection head layer feeding the supervised head (0: trunk output; "
-                     "SimCLRv2 fine-tunes from 1, the middle of a 3-layer head).")
 flags.DEFINE_integer("fine_tune_after_block", -1,
                      "Fine-tune only after this block (-1: all; 0: after the stem; "
                      "4: only the heads).")
@@ -138,11 +129,8 @@ RUN_IDENTITY = ("train_mode", "dataset", "resnet_depth", "width_multiplier", "sk
 
 def model_config(num_classes, overrides=None) -> ModelConfig:
   values = dict(
-      resnet_depth=FLAGS.resnet_depth, width_multiplier=FLAGS.width_multiplier,
-      sk_ratio=FLAGS.sk_ratio, se_ratio=FLAGS.se_ratio, batch_norm_decay=FLAGS.batch_norm_decay,
-      global_bn=FLAGS.global_bn, image_size=FLAGS.image_size,
-      proj_head_mode=FLAGS.proj_head_mode, proj_out_dim=FLAGS.proj_out_dim,
-      num_proj_layers=FLAGS.num_proj_layers, ft_proj_selector=FLAGS.ft_proj_selector,
+      **model_flags.architecture_from_flags(),
+      batch_norm_decay=FLAGS.batch_norm_decay, global_bn=FLAGS.global_bn,
       num_classes=num_classes,
       fine_tune_after_block=(FLAGS.fine_tune_after_block if FLAGS.train_mode == "finetune"
                              else -1),

@@ -353,35 +353,22 @@ def convert(source, output, cfg: ModelConfig):
 
 def main():
   from absl import app, flags
+  from tf_simclr import model_flags
 
   flags.DEFINE_string("source", None, "Reference SavedModel directory, or TF1/TF2 checkpoint "
                       "(prefix or directory).")
   flags.DEFINE_string("output", None, "Directory for the tf_simclr checkpoint and SavedModel.")
-  flags.DEFINE_integer("resnet_depth", 50, "ResNet depth of the source model.")
-  flags.DEFINE_float("width_multiplier", 1, "Width multiplier of the source model.")
-  flags.DEFINE_float("sk_ratio", 0.0, "Selective kernel ratio (SimCLRv2 *_sk1 models: 0.0625).")
-  flags.DEFINE_float("se_ratio", 0.0, "Squeeze-excitation ratio.")
-  flags.DEFINE_enum("proj_head_mode", "nonlinear", ["none", "linear", "nonlinear"],
-                    "Projection head type.")
-  flags.DEFINE_integer("num_proj_layers", 3, "Projection head layers (SimCLRv2: 3).")
-  flags.DEFINE_integer("proj_out_dim", 128, "Projection output width.")
-  flags.DEFINE_integer("ft_proj_selector", 0,
-                       "Projection layer feeding the supervised head; weights do not show it. "
-                       "SimCLRv2 fine-tunes from the middle of its 3-layer head: 1.")
+  # The source's architecture; ft_proj_selector does not show in weights.
+  model_flags.define_architecture_flags()
   flags.DEFINE_integer("num_classes", 0,
                        "Classes of the supervised head (0: from the source's head).")
-  flags.DEFINE_integer("image_size", 224, "Image size the model is for (<= 32: CIFAR stem).")
   flags.mark_flags_as_required(["source", "output"])
 
   def run(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     F = flags.FLAGS
-    cfg = ModelConfig(resnet_depth=F.resnet_depth, width_multiplier=F.width_multiplier,
-                      sk_ratio=F.sk_ratio, se_ratio=F.se_ratio, image_size=F.image_size,
-                      proj_head_mode=F.proj_head_mode, proj_out_dim=F.proj_out_dim,
-                      num_proj_layers=F.num_proj_layers, ft_proj_selector=F.ft_proj_selector,
-                      num_classes=max(F.num_classes, 1))
+    cfg = ModelConfig(**model_flags.architecture_from_flags(), num_classes=max(F.num_classes, 1))
     try:
       cfg.validate()
       cfg = dataclasses.replace(cfg, num_classes=F.num_classes)

@@ -10,17 +10,11 @@ import json
 
 from absl import app, flags
 
+from tf_simclr import model_flags
 from tf_simclr.config import ModelConfig
 
-flags.DEFINE_integer("resnet_depth", 50, "ResNet depth.")
-flags.DEFINE_float("width_multiplier", 1, "Width multiplier of the trunk.")
-flags.DEFINE_float("sk_ratio", 0.0, "Selective kernel ratio (SimCLRv2 uses 0.0625); 0 disables.")
-flags.DEFINE_float("se_ratio", 0.0, "Squeeze-excitation ratio; 0 disables.")
-flags.DEFINE_integer("image_size", 224, "Input size (<= 32 selects the CIFAR stem).")
+model_flags.define_architecture_flags()
 flags.DEFINE_integer("num_classes", 1000, "Classes of the supervised head.")
-flags.DEFINE_integer("num_proj_layers", 3, "Layers of the projection head.")
-flags.DEFINE_integer("proj_out_dim", 128, "Output width of the projection head.")
-flags.DEFINE_enum("proj_head_mode", "nonlinear", ["none", "linear", "nonlinear"], "Projection head.")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line.")
 FLAGS = flags.FLAGS
 
@@ -41,11 +35,8 @@ def parameter_counts(cfg: ModelConfig) -> dict:
 
 def main(argv):
   del argv
-  cfg = ModelConfig(
-      resnet_depth=FLAGS.resnet_depth, width_multiplier=FLAGS.width_multiplier,
-      sk_ratio=FLAGS.sk_ratio, se_ratio=FLAGS.se_ratio, image_size=FLAGS.image_size,
-      num_classes=FLAGS.num_classes, num_proj_layers=FLAGS.num_proj_layers,
-      proj_out_dim=FLAGS.proj_out_dim, proj_head_mode=FLAGS.proj_head_mode, global_bn=False)
+  cfg = ModelConfig(**model_flags.architecture_from_flags(), num_classes=FLAGS.num_classes,
+                    global_bn=False)
   try:
     cfg.validate()
   except ValueError as e:

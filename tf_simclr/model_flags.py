@@ -1,0 +1,39 @@
+"""The architecture flags of every command line that describes a model: run.py,
+`python -m tf_simclr.summary` and `python -m tf_simclr.convert`. One definition, with the
+reference's flag names and ModelConfig's defaults, so a model is spelled the same everywhere.
+"""
+
+from absl import flags
+
+from tf_simclr.config import PROJ_HEAD_MODES, RESNET_DEPTHS, ModelConfig
+
+_HELP = {
+    "resnet_depth": f"ResNet depth: one of {', '.join(map(str, RESNET_DEPTHS))}.",
+    "width_multiplier": "Width multiplier of the trunk (integers above 1; below 1 allowed).",
+    "sk_ratio": "Selective kernel ratio (SimCLRv2: 0.0625); 0 disables.",
+    "se_ratio": "Squeeze-excitation ratio; 0 disables.",
+    "image_size": "Input image size (<= 32 uses the CIFAR stem).",
+    "proj_head_mode": "Projection head type.",
+    "proj_out_dim": "Output width of the projection head.",
+    "num_proj_layers": "Layers of the nonlinear projection head.",
+    "ft_proj_selector": "Projection head layer feeding the supervised head (0: trunk output; "
+                        "SimCLRv2 fine-tunes from 1, the middle of its 3-layer head).",
+}
+NAMES = tuple(_HELP)
+
+
+def define_architecture_flags(flag_values=flags.FLAGS):
+  defaults = ModelConfig()
+  for name, help_text in _HELP.items():
+    default = getattr(defaults, name)
+    if name == "proj_head_mode":
+      flags.DEFINE_enum(name, default, list(PROJ_HEAD_MODES), help_text, flag_values=flag_values)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+    else:
+      flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+
+
+def architecture_from_flags(flag_values=flags.FLAGS) -> dict:
+  """ModelConfig keyword arguments of the architecture flags."""
+  return {name: flag_values[name].value for name in NAMES}
