@@ -49,6 +49,8 @@ flags.DEFINE_bool("use_blur", True, "Gaussian blur in pretraining augmentation."
 # Model: --resnet_depth, --width_multiplier, --sk_ratio, --se_ratio, --image_size (also the
 # data's), --proj_head_mode, --proj_out_dim, --num_proj_layers, --ft_proj_selector.
 model_flags.define_architecture_flags()
+for _name in model_flags.NAMES:  # run.py's own flags: in --help and flags.json
+  flags.declare_key_flag(_name)
 flags.DEFINE_float("batch_norm_decay", 0.9, "BN moving average decay.")
 flags.DEFINE_bool("global_bn", True, "Synchronize BN statistics across replicas.")
 flags.DEFINE_integer("fine_tune_after_block", -1,
