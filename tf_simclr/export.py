@@ -64,8 +64,8 @@ def export_saved_model(model, export_dir, model_cfg: ModelConfig, step=None):
 
   Call it outside any strategy scope. Not atomic: see `export_run` for that.
   """
-  # Fully trainable, without linear-eval stop-gradient or recomputation (a training-memory
-  # choice): whoever reuses the model decides.
+  # Exports are fully trainable (no frozen blocks) and do not recompute activations (a
+  # training-memory choice): whoever reuses the model decides.
   model_cfg = dataclasses.replace(model_cfg, fine_tune_after_block=-1, recompute_block_groups=0)
   model = _export_copy(model, model_cfg)
 

@@ -59,4 +59,3 @@ def recomputed(fn, x):
     return y, backward
 
   return forward(x)
-
