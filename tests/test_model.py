@@ -266,7 +266,6 @@ def test_batch_norm_statistics_are_accurate_when_the_mean_dominates():
       assert err < tolerance[name], (name, key, err)
 
 
-
 @pytest.mark.parametrize("kwargs, groups", [
     (dict(resnet_depth=18), 2),
     (dict(resnet_depth=50, width_multiplier=0.125, sk_ratio=0.0625), 1),
