@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tf_simclr.config import DataConfig
-from tf_simclr.data import datasets, pipeline
+from tf_simclr.data import augment, datasets, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = tf.distribute.get_strategy()
@@ -136,6 +136,19 @@ def test_mock_cifar10_pretrain():
   assert x["image"].shape == (16, 32, 32, 6)
 
 
+@pytest.mark.parametrize("size", [32, augment.PER_IMAGE_MIN_SIZE])
+def test_pretraining_views_are_colour_distorted(size):
+  # Batched below PER_IMAGE_MIN_SIZE, per image before batching from it: both distort.
+  with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = pipeline.build_train_dataset(DEFAULT, DataConfig(dataset="cifar10", image_size=size),
+                                      global_batch_size=32, train_mode="pretrain")
+  views = np.concatenate([x["image"].reshape(32, size, size, 2, 3) for x in batches(ds, 4)])
+  views = np.moveaxis(views, 3, 1).reshape(-1, size, size, 3)  # 256 views
+  gray = np.all(np.abs(views - views[..., :1]).max(axis=(1, 2)) < 1e-5, axis=-1)
+  assert 0.1 < gray.mean() < 0.3
+  assert views.min() >= 0.0 and views.max() <= 1.0
+
+
 def test_errors(folder):
   cfg = DataConfig(dataset=f"folder:{folder}", image_size=16)
   three = types.SimpleNamespace(num_replicas_in_sync=3)
@@ -161,7 +174,7 @@ _TWO_REPLICAS = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import tensorflow_datasets as tfds
     from tf_simclr.config import DataConfig
-    from tf_simclr.data import pipeline
+    from tf_simclr.data import augment, pipeline
 
     def batches(strategy, ds, n):
       out = []
@@ -175,7 +188,10 @@ _TWO_REPLICAS = textwrap.dedent("""
     result = {}
     for name, cfg in [("files", DataConfig(dataset="folder:" + sys.argv[1], image_size=16,
                                            use_blur=True, train_label_fraction=0.5)),
-                      ("pixels", DataConfig(dataset="cifar10", image_size=24, use_blur=True))]:
+                      ("pixels", DataConfig(dataset="cifar10", image_size=24, use_blur=True)),
+                      # Large images: colour distortion per image, before batching.
+                      ("per_image", DataConfig(dataset="cifar10", image_size=augment.PER_IMAGE_MIN_SIZE,
+                                               use_blur=True))]:
       streams = []
       for strategy in (default, mirrored):
         with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
@@ -198,5 +214,5 @@ def test_one_and_two_replicas_give_the_same_global_batches(folder):
                        text=True, env=env, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(run.stdout.strip().splitlines()[-1])
-  assert result["files"] and result["pixels"]
+  assert result["files"] and result["pixels"] and result["per_image"]
   assert result["eval_shapes"] == [[4, 16, 16, 3]] and result["eval_real"] == 3

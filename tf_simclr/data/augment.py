@@ -1,10 +1,12 @@
-"""Batched SimCLR augmentations driven by pre-drawn uniform random numbers.
+"""SimCLR augmentations driven by pre-drawn uniform random numbers.
 
 Every function takes its randomness as an explicit float tensor `u` of uniforms in [0, 1)
-with one row per example, instead of calling a random op. The pipeline draws those rows
+with one row per view, instead of calling a random op. The pipeline draws those rows
 statelessly from the example's position in the stream, so an example's augmentation does
-not depend on which batch, replica or input pipeline processes it; and one vectorised op
-per batch replaces the reference's per-image `tf.cond`s.
+not depend on which batch, replica or input pipeline processes it. The colour distortion
+comes in two forms with the same distribution: batched (`photometric`, one vectorised pass
+per batch, for small images) and per image (`photometric_per_image`, the reference's
+`tf.cond`s, for large ones), chosen by image size.
 
 Semantics follow SimCLR's appendix A and the reference `data_util.py`: the crop sampler
 mirrors `tf.image.sample_distorted_bounding_box` (aspect ratio uniform, crop height uniform
@@ -148,11 +150,16 @@ def color_jitter(images, u, strength):
   return x
 
 
-def random_grayscale(images, u):
-  """Grayscale (tf.image.rgb_to_grayscale's weights, 3 channels kept) with p=0.2."""
+def grayscale(images):
+  """tf.image.rgb_to_grayscale's weights, 3 channels kept."""
   gray = tf.reduce_sum(images * tf.constant([0.2989, 0.5870, 0.1140]), axis=-1, keepdims=True)
+  return tf.broadcast_to(gray, tf.shape(images))
+
+
+def random_grayscale(images, u):
+  """Grayscale with p=0.2."""
   chosen = _per_example(tf.cast(u[:, _GRAY] < GRAYSCALE_PROB, images.dtype))
-  return images + chosen * (gray - images)
+  return images + chosen * (grayscale(images) - images)
 
 
 def gaussian_blur(images, sigma, kernel_size):
@@ -177,12 +184,16 @@ def gaussian_blur(images, sigma, kernel_size):
 
 
 @tf.function(jit_compile=True)
+def _blur(images, u):
+  """Blur, kernel ~10% of the side, sigma uniform in [0.1, 2.0]."""
+  return gaussian_blur(images, _lerp(u[:, _SIGMA], *BLUR_SIGMA_RANGE), images.shape[1] // 10)
+
+
+@tf.function(jit_compile=True)
 def random_blur(images, u):
-  """Blur with p=0.5, kernel ~10% of the side, sigma uniform in [0.1, 2.0]."""
-  sigma = _lerp(u[:, _SIGMA], *BLUR_SIGMA_RANGE)
-  blurred = gaussian_blur(images, sigma, images.shape[1] // 10)
+  """`_blur` with p=0.5."""
   chosen = _per_example(tf.cast(u[:, _BLUR] < BLUR_PROB, images.dtype))
-  return images + chosen * (blurred - images)
+  return images + chosen * (_blur(images, u) - images)
 
 
 @tf.function(jit_compile=True)
@@ -191,16 +202,30 @@ def _jitter_and_grayscale(images, u, strength):
   return random_grayscale(color_jitter(images, u, strength), u)
 
 
-def _jitter_and_grayscale_per_example(images, u, strength):
-  """Same distribution as `_jitter_and_grayscale`, one image at a time with TF's fused kernels.
+def photometric(images, u, *, color_jitter_strength, use_blur):
+  """The pretraining colour distortion (jitter, grayscale) and optional blur of a batch of
+  views ([b, S, S, 3], u [b, K]), clipped to [0, 1]: every operation on every view, then
+  blended by the draws, fused by XLA; the fastest form for small images."""
+  x = _jitter_and_grayscale(images, u, float(color_jitter_strength))
+  if use_blur:
+    x = random_blur(x, u)
+  return tf.clip_by_value(x, 0.0, 1.0)
 
-  On large images the work per pixel dominates: running only the one operation each step
-  needs (one HSV pass for saturation, one for hue) beats fusing all four for every image.
-  """
+
+# Side from which `photometric_per_image` beats the batched `photometric` (measured on a
+# 2-core CPU): on large images the work per pixel dominates, so running only the
+# operations a view drew, with TF's fused kernels, wins over fusing all of them.
+PER_IMAGE_MIN_SIZE = 96
+
+
+def photometric_per_image(views, u, *, color_jitter_strength, use_blur):
+  """`photometric`'s distribution for one example's views ([V, S, S, 3], u [V, K]), one image
+  at a time, as the reference does it: tf.image's kernels in the drawn order, and a
+  `tf.cond` skips what was not drawn. For the per-example stage of an input pipeline."""
+  strength = float(color_jitter_strength)
   b = 0.8 * strength
 
-  def one(args):
-    x, row = args
+  def jitter(x, row):
     factors = row[_FACTORS]
     ops = [
         lambda x: x * _lerp(factors[0], max(1.0 - b, 0.0), 1.0 + b),
@@ -215,24 +240,14 @@ def _jitter_and_grayscale_per_example(images, u, strength):
       x = tf.clip_by_value(x, 0.0, 1.0)
     return x
 
-  jittered = tf.map_fn(one, (images, u), fn_output_signature=tf.TensorSpec(images.shape[1:], tf.float32))
-  applied = _per_example(tf.cast(u[:, _JITTER] < JITTER_PROB, images.dtype))
-  return random_grayscale(images + applied * (jittered - images), u)
+  def one(x, row):
+    x = tf.cond(row[_JITTER] < JITTER_PROB, lambda: jitter(x, row), lambda: x)
+    x = tf.cond(row[_GRAY] < GRAYSCALE_PROB, lambda: grayscale(x), lambda: x)
+    if use_blur:
+      x = tf.cond(row[_BLUR] < BLUR_PROB, lambda: _blur(x[None], row[None])[0], lambda: x)
+    return tf.clip_by_value(x, 0.0, 1.0)
 
-
-# Side above which colour jitter runs per image (measured crossover on a 2-core CPU).
-PER_EXAMPLE_JITTER_MIN_SIZE = 96
-
-
-def photometric(images, u, *, color_jitter_strength, use_blur):
-  """The pretraining colour distortion (jitter, grayscale) and optional blur, clipped to [0, 1]."""
-  if images.shape[1] >= PER_EXAMPLE_JITTER_MIN_SIZE:
-    x = _jitter_and_grayscale_per_example(images, u, float(color_jitter_strength))
-  else:
-    x = _jitter_and_grayscale(images, u, float(color_jitter_strength))
-  if use_blur:
-    x = random_blur(x, u)
-  return tf.clip_by_value(x, 0.0, 1.0)
+  return tf.stack([one(views[v], u[v]) for v in range(views.shape[0])])
 
 
 def geometric_boxes(u, height, width):

@@ -93,16 +93,16 @@ def train_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_bat
                   start_step=0, num_pipelines=1, pipeline_id=0) -> tf.data.Dataset:
   """The per-replica batches one input pipeline feeds to its replicas, in replica order."""
   views = 2 if train_mode == "pretrain" else 1
-  finish = _photometric_fn(cfg, train_mode, views)
+  view_fn, finish = _photometric_fns(cfg, train_mode, views)
   if isinstance(source, datasets.StreamingSplit):
     ds = _streaming_train(source, cfg, per_replica_batch, views, start_step * global_batch_size,
-                          num_pipelines, pipeline_id)
+                          num_pipelines, pipeline_id, view_fn)
   else:
     positions = _positions(per_replica_batch, global_batch_size, num_pipelines, pipeline_id,
                            start_step)
     ds = _examples_at(source, positions, per_replica_batch, cfg, views,
                       _train_lookup(len(source), cfg.seed),
-                      lambda u, h, w: _view_boxes(u, h, w, views))
+                      lambda u, h, w: _view_boxes(u, h, w, views), view_fn)
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -178,13 +178,16 @@ def _view_boxes(u, height, width, views):
   return augment.geometric_boxes(u, tf.repeat(height, views), tf.repeat(width, views))
 
 
-def _examples_at(source, positions, b, cfg, views, lookup, boxes_fn):
-  """Per-replica batches {"image": [b, V, S, S, 3], "label", "mask", "u": [b*V, K]}."""
+def _examples_at(source, positions, b, cfg, views, lookup, boxes_fn, view_fn=None):
+  """Per-replica batches {"image": [b, V, S, S, 3], "label", "mask", "u": [b*V, K]}.
+
+  `view_fn(crops [V, S, S, 3], u [V, K])`, if given, runs on each example before batching.
+  """
   size = cfg.image_size
   width = augment.DRAWS_PER_VIEW * views
   images, labels = source.tensors
 
-  if source.kind == "pixels":
+  if source.kind == "pixels" and view_fn is None:  # crops of a whole batch in one op
     h, w = (float(d) for d in source.images.shape[1:3])
 
     def batch_fn(pos):
@@ -203,25 +206,37 @@ def _examples_at(source, positions, b, cfg, views, lookup, boxes_fn):
   def example_fn(p):
     index, mask = lookup(p)
     data = images[index]
-    image = datasets.decode_image(tf.io.read_file(data) if source.kind == "files" else data)
+    if source.kind == "pixels":
+      image = data
+    else:
+      image = datasets.decode_image(tf.io.read_file(data) if source.kind == "files" else data)
     u = _draws(cfg.seed, p, 1, width)
     shape = tf.cast(tf.shape(image), tf.float32)
     crops = augment.crop_and_resize(image[None], boxes_fn(u, shape[0:1], shape[1:2]), size,
                                     tf.zeros([views], tf.int32))
-    return {"image": crops, "label": labels[index], "mask": mask,
-            "u": tf.reshape(u, [views, augment.DRAWS_PER_VIEW])}
+    u = tf.reshape(u, [views, augment.DRAWS_PER_VIEW])
+    if view_fn is not None:
+      crops = view_fn(crops, u)
+    return {"image": crops, "label": labels[index], "mask": mask, "u": u}
 
   ds = positions.unbatch().map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(b, drop_remainder=True)
   return ds.map(lambda ex: {**ex, "u": tf.reshape(ex["u"], [b * views, augment.DRAWS_PER_VIEW])})
 
 
-def _photometric_fn(cfg, train_mode, views):
-  """Batched colour distortion (pretrain only) and the final [b, S, S, 3V] layout."""
+def _photometric_fns(cfg, train_mode, views):
+  """(per-example fn or None, per-batch fn): the colour distortion (pretrain only) where it
+  runs fastest (augment.PER_IMAGE_MIN_SIZE), and the final [b, S, S, 3V] layout."""
+  per_image = train_mode == "pretrain" and cfg.image_size >= augment.PER_IMAGE_MIN_SIZE
+
+  def view_fn(crops, u):
+    return augment.photometric_per_image(crops, u, color_jitter_strength=cfg.color_jitter_strength,
+                                         use_blur=cfg.use_blur)
+
   def finish(ex):
     x = ex["image"]
     b, size = tf.shape(x)[0], x.shape[2]
-    if train_mode == "pretrain":
+    if train_mode == "pretrain" and not per_image:
       flat = tf.reshape(x, [-1, size, size, 3])
       flat = augment.photometric(flat, ex["u"], color_jitter_strength=cfg.color_jitter_strength,
                                  use_blur=cfg.use_blur)
@@ -229,25 +244,28 @@ def _photometric_fn(cfg, train_mode, views):
     # Views side by side on channels: view v is channels 3v .. 3v+2.
     x = tf.reshape(tf.transpose(x, [0, 2, 3, 1, 4]), [b, size, size, 3 * views])
     return {"image": x, "label": tf.cast(ex["label"], tf.int32)}
-  return finish
+  return (view_fn if per_image else None), finish
 
 
 # ----------------------------------------------------------------------------------------
 # Streaming fallback (TFDS splits too big for memory).
 
-def _decode_crop(cfg, views, boxes_fn):
+def _decode_crop(cfg, views, boxes_fn, view_fn=None):
   def fn(ex, p):
     image = datasets.decode_image(ex["image"])
     u = _draws(cfg.seed, p, 1, augment.DRAWS_PER_VIEW * views, _STREAMING_STREAM)
     shape = tf.cast(tf.shape(image), tf.float32)
     crops = augment.crop_and_resize(image[None], boxes_fn(u, shape[0:1], shape[1:2]),
                                     cfg.image_size, tf.zeros([views], tf.int32))
-    return {"image": crops, "label": tf.cast(ex["label"], tf.int32),
-            "u": tf.reshape(u, [views, augment.DRAWS_PER_VIEW])}
+    u = tf.reshape(u, [views, augment.DRAWS_PER_VIEW])
+    if view_fn is not None:
+      crops = view_fn(crops, u)
+    return {"image": crops, "label": tf.cast(ex["label"], tf.int32), "u": u}
   return fn
 
 
-def _streaming_train(source, cfg, b, views, first_position, num_pipelines, pipeline_id):
+def _streaming_train(source, cfg, b, views, first_position, num_pipelines, pipeline_id,
+                     view_fn=None):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   # Each pipeline reads its own even share of the examples: sharding by file (TFDS's
   # input_context) fails when a split has fewer files than pipelines.
@@ -260,7 +278,7 @@ def _streaming_train(source, cfg, b, views, first_position, num_pipelines, pipel
   ds = ds.shuffle(b * buffer, seed=cfg.seed).repeat()
   # Positions interleave the pipelines, so no two pipelines share augmentation draws.
   ds = ds.enumerate().map(lambda i, ex: (ex, first_position + i * num_pipelines + pipeline_id))
-  ds = ds.map(_decode_crop(cfg, views, lambda u, h, w: _view_boxes(u, h, w, views)),
+  ds = ds.map(_decode_crop(cfg, views, lambda u, h, w: _view_boxes(u, h, w, views), view_fn),
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   ds = ds.batch(b, drop_remainder=True)
   return ds.map(lambda ex: {**ex, "u": tf.reshape(ex["u"], [b * views, augment.DRAWS_PER_VIEW])})

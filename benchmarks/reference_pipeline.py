@@ -1,0 +1,96 @@
+"""Throughput of the reference implementation's input pipeline, to run beside ours.
+
+Runs the per-image augmentation of Google's SimCLRv2 tf2 code (`data_util.preprocess_image`,
+imported from --reference_dir, nothing copied) the way its `data.py` uses it: in pretraining
+two independently augmented views per image concatenated on channels, `map` with AUTOTUNE
+parallelism, batch, prefetch. Its blur is not in its input pipeline (its `Model.__call__`
+blurs the batch inside the training step); `--use_blur` adds `data_util.batch_random_blur` on
+each batch after batching, so that the figure covers the same work as ours with blur.
+The images are the TFDS mock data of benchmarks/input_pipeline.py (same count, same policy),
+decoded once and cached in memory before augmentation, as our pipeline holds them.
+
+  /tmp/refvenv/bin/python benchmarks/reference_pipeline.py --reference_dir=/tmp/simclr_ref/tf2 \
+      --dataset=imagenet2012 --image_size=224 --batch_size=32 --use_blur --json
+  .venv/bin/python benchmarks/input_pipeline.py --dataset=imagenet2012 --image_size=224 \
+      --batch_size=32 --use_blur --color_jitter_strength=1.0 --mock_data --json   # ours
+
+Setup of /tmp/refvenv and /tmp/simclr_ref: benchmarks/reference_step.py. With --json the last
+line is one JSON object with input_pipeline.py's keys (`images_per_sec`, ...).
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+import tensorflow as tf  # pylint: disable=g-import-not-at-top
+import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+flags.DEFINE_string("reference_dir", None, "Directory of the reference's tf2 modules.")
+flags.DEFINE_string("dataset", "imagenet2012", "TFDS name (mock data of its shape is used).")
+flags.DEFINE_integer("image_size", 224, "Output image side.")
+flags.DEFINE_integer("batch_size", 32, "Global batch size.")
+flags.DEFINE_bool("use_blur", True, "Blur each batch with data_util.batch_random_blur.")
+flags.DEFINE_float("color_jitter_strength", 1.0, "Colour distortion strength.")
+flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune"], "Augmentation mode.")
+flags.DEFINE_integer("mock_examples", 2048, "Number of mock examples.")
+flags.DEFINE_integer("warmup_batches", 10, "Batches discarded before timing.")
+flags.DEFINE_integer("num_batches", 50, "Timed batches.")
+flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+flags.mark_flag_as_required("reference_dir")
+FLAGS = flags.FLAGS
+
+
+def main(_):
+  sys.path.insert(0, os.path.abspath(FLAGS.reference_dir))
+  import data_util  # pylint: disable=import-outside-toplevel
+  size = FLAGS.image_size
+  pretrain = FLAGS.train_mode == "pretrain"
+
+  def augment(example):
+    views = [data_util.preprocess_image(example["image"], size, size, is_training=True,
+                                        color_distort=pretrain)
+             for _ in range(2 if pretrain else 1)]
+    return tf.concat(views, -1), example["label"]
+
+  def blur(images, labels):
+    views = tf.split(images, 2, axis=-1)
+    return tf.concat(data_util.batch_random_blur(views, size, size), -1), labels
+
+  with tfds.testing.mock_data(num_examples=FLAGS.mock_examples,
+                              policy=tfds.testing.MockPolicy.USE_CODE):
+    ds = tfds.load(FLAGS.dataset, split="train").take(FLAGS.mock_examples).cache()
+    for _ in ds:  # fill the cache while the mock is active
+      pass
+  ds = ds.shuffle(FLAGS.mock_examples).repeat()
+  ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(FLAGS.batch_size, drop_remainder=True)
+  if FLAGS.use_blur and pretrain:
+    ds = ds.map(blur, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+
+  it = iter(ds)
+  for _ in range(FLAGS.warmup_batches):
+    next(it)
+  start = time.perf_counter()
+  for _ in range(FLAGS.num_batches):
+    images, _ = next(it)
+  images.numpy()
+  seconds = time.perf_counter() - start
+  rate = FLAGS.num_batches * FLAGS.batch_size / seconds
+  print(f"{rate:.1f} images/s (reference pipeline, {FLAGS.dataset}, {size}x{size}, "
+        f"batch {FLAGS.batch_size}, {FLAGS.train_mode}, blur={FLAGS.use_blur})")
+  if FLAGS.json:
+    print(json.dumps({
+        "images_per_sec": rate, "dataset": FLAGS.dataset, "image_size": size,
+        "batch_size": FLAGS.batch_size, "train_mode": FLAGS.train_mode,
+        "use_blur": FLAGS.use_blur, "color_jitter_strength": FLAGS.color_jitter_strength,
+        "mock_data": True, "num_batches": FLAGS.num_batches,
+        "warmup_batches": FLAGS.warmup_batches, "seconds": seconds,
+        "image_shape": list(images.shape)}))
+
+
+if __name__ == "__main__":
+  app.run(main)
