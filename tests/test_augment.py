@@ -32,11 +32,16 @@ def test_crop_area_and_aspect_ranges(h, w, large):
   b = boxes.numpy()
   assert b.min() >= -1e-6 and b.max() <= 1 + 1e-6
   crop_h, crop_w = crop_geometry(boxes, h, w)
+  # Whole pixels: offsets and sizes are integers.
+  for x in (crop_h, crop_w, b[:, 0] * (h - 1), np.minimum(b[:, 1], b[:, 3]) * (w - 1)):
+    np.testing.assert_allclose(x, np.round(x), atol=1e-3)
   area = crop_h * crop_w / (h * w)
   aspect = crop_w / crop_h
   whole = np.isclose(area, 1.0)
   assert area.min() >= augment.CROP_MIN_COVERED - 1e-4 and area.max() <= 1 + 1e-4
-  assert np.all((aspect[~whole] >= 0.75 - 1e-4) & (aspect[~whole] <= 4 / 3 + 1e-4))
+  # The width is rounded to whole pixels: the aspect ratio is off by at most half a pixel.
+  slack = 0.5 / crop_h[~whole] + 1e-4
+  assert np.all((aspect[~whole] >= 0.75 - slack) & (aspect[~whole] <= 4 / 3 + slack))
   # The whole range is used: small and large crops both occur.
   assert (area < 0.15).mean() > 0.01 and (area > large).mean() > 0.05
 
@@ -57,6 +62,18 @@ def test_crop_and_resize_identity_and_flip():
   gray = tf.cast(tf.fill([1, 8, 8, 1], 255), tf.uint8)
   out = augment.crop_and_resize(gray, whole, 16)
   assert out.shape == (1, 16, 16, 3) and np.allclose(out, 1.0)
+
+
+@pytest.mark.parametrize("dtype,h,w,size", [(tf.uint8, 40, 30, 24), (tf.float32, 12, 20, 32)])
+def test_per_image_crops_equal_crop_and_resize(dtype, h, w, size):
+  n = 64
+  image = tf.random.stateless_uniform([h, w, 3], [3, 3])
+  image = tf.cast(image * 255.0, dtype) if dtype == tf.uint8 else image
+  boxes = tf.concat([augment.geometric_boxes(uniforms(n, 17), tf.fill([n], float(h)), tf.fill([n], float(w))),
+                     augment.center_crop_boxes(tf.constant([float(h)]), tf.constant([float(w)]))], 0)
+  batched = augment.crop_and_resize(image[None], boxes, size, tf.zeros([n + 1], tf.int32))
+  per_image = augment.crop_and_resize_views(image, boxes, size)
+  np.testing.assert_allclose(per_image, batched, atol=1e-5)
 
 
 def test_center_crop_keeps_0875_of_the_short_side():

@@ -68,7 +68,8 @@ def test_streamed_eval_equals_in_memory_eval(monkeypatch):
     np.testing.assert_array_equal(a["mask"], b["mask"])
     real = a["mask"] == 1  # padding content is unspecified
     np.testing.assert_array_equal(a["label"][real], b["label"][real])
-    np.testing.assert_allclose(a["image"][real], b["image"][real], atol=1e-6)
+    # Same sampling points, resampled per image (streamed) or per batch (in memory).
+    np.testing.assert_allclose(a["image"][real], b["image"][real], atol=3e-6)
   assert streamed[-1]["mask"].sum() == 300 - 256
   np.testing.assert_array_equal(np.concatenate([x["label"] for x in streamed])[:300],
                                 tfds_labels(EVAL))

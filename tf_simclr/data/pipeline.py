@@ -212,8 +212,7 @@ def _examples_at(source, positions, b, cfg, views, lookup, boxes_fn, view_fn=Non
       image = datasets.decode_image(tf.io.read_file(data) if source.kind == "files" else data)
     u = _draws(cfg.seed, p, 1, width)
     shape = tf.cast(tf.shape(image), tf.float32)
-    crops = augment.crop_and_resize(image[None], boxes_fn(u, shape[0:1], shape[1:2]), size,
-                                    tf.zeros([views], tf.int32))
+    crops = augment.crop_and_resize_views(image, boxes_fn(u, shape[0:1], shape[1:2]), size)
     u = tf.reshape(u, [views, augment.DRAWS_PER_VIEW])
     if view_fn is not None:
       crops = view_fn(crops, u)
@@ -255,8 +254,8 @@ def _decode_crop(cfg, views, boxes_fn, view_fn=None):
     image = datasets.decode_image(ex["image"])
     u = _draws(cfg.seed, p, 1, augment.DRAWS_PER_VIEW * views, _STREAMING_STREAM)
     shape = tf.cast(tf.shape(image), tf.float32)
-    crops = augment.crop_and_resize(image[None], boxes_fn(u, shape[0:1], shape[1:2]),
-                                    cfg.image_size, tf.zeros([views], tf.int32))
+    crops = augment.crop_and_resize_views(image, boxes_fn(u, shape[0:1], shape[1:2]),
+                                          cfg.image_size)
     u = tf.reshape(u, [views, augment.DRAWS_PER_VIEW])
     if view_fn is not None:
       crops = view_fn(crops, u)
