@@ -266,8 +266,8 @@ def photometric_per_image(views, u, *, color_jitter_strength, use_blur):
     return x
 
   def one(x, row):
-    # Inputs in [0, 1] stay there: jitter clips, grayscale averages; only the blur's sum of
-    # 2 x 23 rounded products needs a clip.
+    # Inputs in [0, 1] stay there: jitter clips, grayscale averages; only the blur's sums of
+    # rounded products need a clip.
     x = tf.cond(row[_JITTER] < JITTER_PROB, lambda: jitter(x, row), lambda: x)
     x = tf.cond(row[_GRAY] < GRAYSCALE_PROB, lambda: grayscale(x), lambda: x)
     if use_blur:

@@ -210,17 +210,20 @@ def _examples_at(source, positions, b, cfg, views, lookup, boxes_fn, view_fn=Non
       image = data
     else:
       image = datasets.decode_image(tf.io.read_file(data) if source.kind == "files" else data)
-    u = _draws(cfg.seed, p, 1, width)
-    shape = tf.cast(tf.shape(image), tf.float32)
-    crops = augment.crop_and_resize_views(image, boxes_fn(u, shape[0:1], shape[1:2]), size)
-    u = tf.reshape(u, [views, augment.DRAWS_PER_VIEW])
-    if view_fn is not None:
-      crops = view_fn(crops, u)
+    crops, u = _views_of(image, _draws(cfg.seed, p, 1, width), size, views, boxes_fn, view_fn)
     return {"image": crops, "label": labels[index], "mask": mask, "u": u}
 
   ds = positions.unbatch().map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(b, drop_remainder=True)
   return ds.map(lambda ex: {**ex, "u": tf.reshape(ex["u"], [b * views, augment.DRAWS_PER_VIEW])})
+
+
+def _views_of(image, u, size, views, boxes_fn, view_fn):
+  """One image's crops [V, S, S, 3] (view_fn applied, if any) and its draws [V, K]."""
+  shape = tf.cast(tf.shape(image), tf.float32)
+  crops = augment.crop_and_resize_views(image, boxes_fn(u, shape[0:1], shape[1:2]), size)
+  u = tf.reshape(u, [views, augment.DRAWS_PER_VIEW])
+  return (crops if view_fn is None else view_fn(crops, u)), u
 
 
 def _photometric_fns(cfg, train_mode, views):
@@ -251,14 +254,9 @@ def _photometric_fns(cfg, train_mode, views):
 
 def _decode_crop(cfg, views, boxes_fn, view_fn=None):
   def fn(ex, p):
-    image = datasets.decode_image(ex["image"])
     u = _draws(cfg.seed, p, 1, augment.DRAWS_PER_VIEW * views, _STREAMING_STREAM)
-    shape = tf.cast(tf.shape(image), tf.float32)
-    crops = augment.crop_and_resize_views(image, boxes_fn(u, shape[0:1], shape[1:2]),
-                                          cfg.image_size)
-    u = tf.reshape(u, [views, augment.DRAWS_PER_VIEW])
-    if view_fn is not None:
-      crops = view_fn(crops, u)
+    crops, u = _views_of(datasets.decode_image(ex["image"]), u, cfg.image_size, views, boxes_fn,
+                         view_fn)
     return {"image": crops, "label": tf.cast(ex["label"], tf.int32), "u": u}
   return fn
 
