@@ -48,8 +48,7 @@ flags.DEFINE_bool("use_blur", True, "Gaussian blur in pretraining augmentation."
 
 # Model: --resnet_depth, --width_multiplier, --sk_ratio, --se_ratio, --image_size (also the
 # data's), --proj_head_mode, --proj_out_dim, --num_proj_layers, --ft_proj_selector.
-model_flags.define_architecture_flags()
-for _name in model_flags.NAMES:  # run.py's own flags: in --help and flags.json
+for _name in model_flags.define_architecture_flags():  # run.py's own: --help, flags.json
   flags.declare_key_flag(_name)
 flags.DEFINE_float("batch_norm_decay", 0.9, "BN moving average decay.")
 flags.DEFINE_bool("global_bn", True, "Synchronize BN statistics across replicas.")
@@ -103,13 +102,10 @@ flags.DEFINE_string("teacher_checkpoint", None,
 flags.DEFINE_float("distill_temperature", 1.0, "Temperature tau of teacher and student.")
 flags.DEFINE_float("distill_alpha", 0.0,
                    "Weight of the supervised loss on the labelled subset (0: pure distillation).")
-TEACHER_OVERRIDES = (("resnet_depth", "integer"), ("width_multiplier", "float"),
-                     ("sk_ratio", "float"), ("se_ratio", "float"),
-                     ("proj_head_mode", "string"), ("proj_out_dim", "integer"),
-                     ("num_proj_layers", "integer"), ("ft_proj_selector", "integer"))
-for _name, _kind in TEACHER_OVERRIDES:
-  getattr(flags, f"DEFINE_{_kind}")(f"teacher_{_name}", None,
-                                    f"Override of the teacher's {_name} (default: its flags.json).")
+# The teacher sees the student's images, so its image size is the student's.
+TEACHER_OVERRIDES = tuple(name for name in model_flags.NAMES if name != "image_size")
+for _name in model_flags.define_architecture_flags(names=TEACHER_OVERRIDES, override_of="teacher"):
+  flags.declare_key_flag(_name)
 
 # Distribution.
 flags.DEFINE_enum("strategy", "auto", ["auto", "one_device", "mirrored", "multi_worker", "tpu"],
@@ -236,7 +232,7 @@ def load_teacher(strategy, num_classes):
   # How the teacher's BN was run in its own training does not matter for inference here.
   for name in ("global_bn", "batch_norm_decay", "num_classes"):
     overrides.pop(name, None)
-  for name, _ in TEACHER_OVERRIDES:
+  for name in TEACHER_OVERRIDES:
     if getattr(FLAGS, f"teacher_{name}") is not None:
       overrides[name] = getattr(FLAGS, f"teacher_{name}")
   teacher_classes = checkpoints.checkpoint_num_classes(prefix)

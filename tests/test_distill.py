@@ -1,7 +1,9 @@
 """Distillation: the frozen teacher, the mixed objective, and students that learn from it."""
 
+import glob
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -133,3 +135,24 @@ def test_teacher_with_other_classes_is_a_clear_error(teacher_dir, tmp_path):
             f"--model_dir={tmp_path / 'run'}", check=False)
   assert out.returncode != 0 and "Traceback" not in out.stderr
   assert "predicts 10 classes but" in out.stderr and "has 3" in out.stderr
+
+
+def test_teacher_without_flags_json_takes_architecture_overrides(teacher_dir, tmp_path):
+  # A bare checkpoint has no flags.json: the student's architecture flags then describe the
+  # teacher, unless --teacher_<name> overrides them.
+  prefix = tf.train.latest_checkpoint(teacher_dir)
+  os.makedirs(tmp_path / "bare")
+  for f in glob.glob(prefix + ".*"):
+    shutil.copy(f, tmp_path / "bare")
+  student = ["--train_mode=distill", "--train_steps=1", "--width_multiplier=0.0625",
+             "--proj_out_dim=8", "--ft_proj_selector=0",
+             f"--teacher_checkpoint={tmp_path / 'bare' / os.path.basename(prefix)}"]
+  out = run(*student, f"--model_dir={tmp_path / 'as_student'}", check=False)
+  assert out.returncode != 0 and "Traceback" not in out.stderr
+  assert "does not fit the model: variable stem_conv/conv/kernel" in out.stderr
+  out = run(*student, "--teacher_width_multiplier=0.125", "--teacher_proj_out_dim=16",
+            "--teacher_ft_proj_selector=1", f"--model_dir={tmp_path / 'overridden'}")
+  assert "Teacher: ResNet-10 0.125x" in out.stdout
+  out = run(*student, "--teacher_proj_head_mode=quadratic", f"--model_dir={tmp_path / 'bad'}",
+            check=False)
+  assert out.returncode != 0 and "--teacher_proj_head_mode" in out.stderr

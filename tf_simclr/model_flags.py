@@ -22,16 +22,25 @@ _HELP = {
 NAMES = tuple(_HELP)
 
 
-def define_architecture_flags(flag_values=flags.FLAGS):
+def define_architecture_flags(flag_values=flags.FLAGS, names=NAMES, override_of=None):
+  """Defines the flags `names`; with `override_of`, as `--<override_of>_<name>` flags whose
+  default None keeps that model's own value. Returns the flags' names."""
   defaults = ModelConfig()
-  for name, help_text in _HELP.items():
-    default = getattr(defaults, name)
+  defined = []
+  for name in names:
+    kind = getattr(defaults, name)
+    flag, default, help_text = name, kind, _HELP[name]
+    if override_of:
+      flag, default = f"{override_of}_{name}", None
+      help_text = f"Override of the {override_of}'s {name} (default: its flags.json)."
     if name == "proj_head_mode":
-      flags.DEFINE_enum(name, default, list(PROJ_HEAD_MODES), help_text, flag_values=flag_values)
-    elif isinstance(default, int):
-      flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+      flags.DEFINE_enum(flag, default, list(PROJ_HEAD_MODES), help_text, flag_values=flag_values)
+    elif isinstance(kind, int):
+      flags.DEFINE_integer(flag, default, help_text, flag_values=flag_values)
     else:
-      flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
+      flags.DEFINE_float(flag, default, help_text, flag_values=flag_values)
+    defined.append(flag)
+  return defined
 
 
 def architecture_from_flags(flag_values=flags.FLAGS) -> dict:
