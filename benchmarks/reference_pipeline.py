@@ -11,7 +11,8 @@ held encoded in memory and decoded per example, as our pipeline holds them (and 
 reference's TFDS pipeline decodes every example it reads).
 
   /tmp/refvenv/bin/python benchmarks/reference_pipeline.py --reference_dir=/tmp/simclr_ref/tf2 \
-      --dataset=imagenet2012 --image_size=224 --batch_size=32 --use_blur --json
+      --dataset=imagenet2012 --image_size=224 --batch_size=32 --use_blur \
+      --color_jitter_strength=1.0 --json
   .venv/bin/python benchmarks/input_pipeline.py --dataset=imagenet2012 --image_size=224 \
       --batch_size=32 --use_blur --color_jitter_strength=1.0 --mock_data --json   # ours
 
@@ -19,27 +20,19 @@ Setup of /tmp/refvenv and /tmp/simclr_ref: benchmarks/reference_step.py. With --
 line is one JSON object with input_pipeline.py's keys (`images_per_sec`, ...).
 """
 
-import json
 import os
 import sys
-import time
 
 from absl import app, flags
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+# benchmarks/timing.py, next to this script.
+from timing import define_pipeline_flags, time_pipeline  # pylint: disable=g-import-not-at-top
+
+define_pipeline_flags(flags)  # color_jitter_strength is also the flag the reference reads
 flags.DEFINE_string("reference_dir", None, "Directory of the reference's tf2 modules.")
-flags.DEFINE_string("dataset", "imagenet2012", "TFDS name (mock data of its shape is used).")
-flags.DEFINE_integer("image_size", 224, "Output image side.")
-flags.DEFINE_integer("batch_size", 32, "Global batch size.")
-flags.DEFINE_bool("use_blur", True, "Blur each batch with data_util.batch_random_blur.")
-flags.DEFINE_float("color_jitter_strength", 1.0, "Colour distortion strength.")
-flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune"], "Augmentation mode.")
-flags.DEFINE_integer("mock_examples", 2048, "Number of mock examples.")
-flags.DEFINE_integer("warmup_batches", 10, "Batches discarded before timing.")
-flags.DEFINE_integer("num_batches", 50, "Timed batches.")
-flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
 flags.mark_flag_as_required("reference_dir")
 FLAGS = flags.FLAGS
 
@@ -55,11 +48,10 @@ def main(_):
     views = [data_util.preprocess_image(image, size, size, is_training=True,
                                         color_distort=pretrain)
              for _ in range(2 if pretrain else 1)]
-    return tf.concat(views, -1), example["label"]
+    return tf.concat(views, -1)
 
-  def blur(images, labels):
-    views = tf.split(images, 2, axis=-1)
-    return tf.concat(data_util.batch_random_blur(views, size, size), -1), labels
+  def blur(images):
+    return tf.concat(data_util.batch_random_blur(tf.split(images, 2, axis=-1), size, size), -1)
 
   with tfds.testing.mock_data(num_examples=FLAGS.mock_examples,
                               policy=tfds.testing.MockPolicy.USE_CODE):
@@ -72,27 +64,7 @@ def main(_):
   ds = ds.batch(FLAGS.batch_size, drop_remainder=True)
   if FLAGS.use_blur and pretrain:
     ds = ds.map(blur, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-
-  it = iter(ds)
-  for _ in range(FLAGS.warmup_batches):
-    next(it)
-  start = time.perf_counter()
-  for _ in range(FLAGS.num_batches):
-    images, _ = next(it)
-  images.numpy()
-  seconds = time.perf_counter() - start
-  rate = FLAGS.num_batches * FLAGS.batch_size / seconds
-  print(f"{rate:.1f} images/s (reference pipeline, {FLAGS.dataset}, {size}x{size}, "
-        f"batch {FLAGS.batch_size}, {FLAGS.train_mode}, blur={FLAGS.use_blur})")
-  if FLAGS.json:
-    print(json.dumps({
-        "images_per_sec": rate, "dataset": FLAGS.dataset, "image_size": size,
-        "batch_size": FLAGS.batch_size, "train_mode": FLAGS.train_mode,
-        "use_blur": FLAGS.use_blur, "color_jitter_strength": FLAGS.color_jitter_strength,
-        "mock_data": True, "num_batches": FLAGS.num_batches,
-        "warmup_batches": FLAGS.warmup_batches, "seconds": seconds,
-        "image_shape": list(images.shape)}))
+  time_pipeline(iter(ds.prefetch(tf.data.AUTOTUNE)), FLAGS, "reference pipeline", True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Timing and memory figures shared by the step benchmarks (no TensorFlow import)."""
+"""Timing and memory figures shared by the benchmarks (no TensorFlow import)."""
 
+import json
 import resource
 import statistics
+import time
 
 
 def peak_rss_mb():
@@ -24,3 +26,41 @@ def print_step_summary(r):
   print(f"  step time  median {r['step_time_s']:.3f} s  min {r['step_time_min_s']:.3f} s  "
         f"max {r['step_time_max_s']:.3f} s  (first call incl. tracing {r['first_call_s']:.1f} s)")
   print(f"  peak RSS   {r['peak_rss_mb']:.0f} MB")
+
+
+def define_pipeline_flags(flags):
+  """The command line of the input pipeline benchmarks (ours and the reference's)."""
+  flags.DEFINE_string("dataset", "cifar10", "TFDS name.")
+  flags.DEFINE_integer("image_size", 32, "Output image side.")
+  flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+  flags.DEFINE_bool("use_blur", False, "Gaussian blur (pretrain only).")
+  flags.DEFINE_float("color_jitter_strength", 0.5, "Colour distortion strength.")
+  flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune", "distill"],
+                    "Augmentation mode.")
+  flags.DEFINE_integer("mock_examples", 2048, "Number of mock examples.")
+  flags.DEFINE_integer("warmup_batches", 10, "Batches discarded before timing.")
+  flags.DEFINE_integer("num_batches", 50, "Timed batches.")
+  flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
+
+
+def time_pipeline(batches, flag_values, what, mock_data):
+  """Times `num_batches` images (from the iterator `batches`) after `warmup_batches`, prints
+  images/s, and with --json a JSON object (key `images_per_sec`) as the last line."""
+  f = flag_values
+  for _ in range(f.warmup_batches):
+    next(batches)
+  start = time.perf_counter()
+  for _ in range(f.num_batches):
+    images = next(batches)
+  images.numpy()
+  seconds = time.perf_counter() - start
+  rate = f.num_batches * f.batch_size / seconds
+  print(f"{rate:.1f} images/s ({what}, {f.dataset}, {f.image_size}x{f.image_size}, "
+        f"batch {f.batch_size}, {f.train_mode}, blur={f.use_blur})")
+  if f.json:
+    print(json.dumps({
+        "images_per_sec": rate, "dataset": f.dataset, "image_size": f.image_size,
+        "batch_size": f.batch_size, "train_mode": f.train_mode, "use_blur": f.use_blur,
+        "color_jitter_strength": f.color_jitter_strength, "mock_data": mock_data,
+        "num_batches": f.num_batches, "warmup_batches": f.warmup_batches, "seconds": seconds,
+        "image_shape": list(images.shape)}))

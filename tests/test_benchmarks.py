@@ -1,4 +1,5 @@
-"""Smoke test of benchmarks/train_step.py: a tiny model for 2 steps, JSON keys on the last line."""
+"""Smoke tests of benchmarks/train_step.py and input_pipeline.py: tiny settings, JSON keys on the
+last line."""
 
 import json
 import os
@@ -25,3 +26,18 @@ def test_train_step_benchmark_json():
   assert abs(result["images_per_sec"] * result["step_time_s"] - 16) < 1e-6
   # Counted FLOPs agree with the 3x-forward estimate (backward = 2x forward for convs).
   assert 0.5 < result["step_gflop"] / result["forward_gflop_x3"] < 1.5
+
+
+def test_input_pipeline_benchmark_json():
+  out = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "benchmarks", "input_pipeline.py"), "--dataset=cifar10",
+       "--mock_data", "--mock_examples=64", "--image_size=16", "--batch_size=8",
+       "--use_blur", "--warmup_batches=1", "--num_batches=3", "--json"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300,
+      env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert isinstance(result["images_per_sec"], float) and result["images_per_sec"] > 0
+  assert result["image_shape"] == [8, 16, 16, 6]  # two views on channels
+  assert result["mock_data"] and result["use_blur"] and result["num_batches"] == 3
+  assert abs(result["images_per_sec"] * result["seconds"] - 3 * 8) < 1e-6
