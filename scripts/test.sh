@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the test suite (about 10 minutes on 2 CPU cores); the slowest
+# Sets everything up, then runs the test suite (10-12 minutes on 2 CPU cores); the slowest
 # tests are listed at the end, to keep the suite within its ~15-minute budget.
 # Two workers (most tests use one core at a time), each taking whole files, so a module's
 # fixtures (tests/test_distributed.py's runs) are built once.
