@@ -120,9 +120,7 @@ flags.DEFINE_bool("use_tpu", False, "Reference compatibility: same as --strategy
 FLAGS = flags.FLAGS
 
 # Flags that define what a model_dir holds: a second run into the same directory must agree.
-RUN_IDENTITY = ("train_mode", "dataset", "resnet_depth", "width_multiplier", "sk_ratio",
-                "se_ratio", "proj_head_mode", "proj_out_dim", "num_proj_layers",
-                "ft_proj_selector", "image_size")
+RUN_IDENTITY = ("train_mode", "dataset", *model_flags.NAMES)
 
 
 def model_config(num_classes, overrides=None) -> ModelConfig:
