@@ -6,6 +6,12 @@ import statistics
 import time
 
 
+def cpu_seconds():
+  """User + system CPU time of this process so far (all threads)."""
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
 def peak_rss_mb():
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
@@ -49,18 +55,23 @@ def time_pipeline(batches, flag_values, what, mock_data):
   f = flag_values
   for _ in range(f.warmup_batches):
     next(batches)
-  start = time.perf_counter()
+  start, cpu_start = time.perf_counter(), cpu_seconds()
   for _ in range(f.num_batches):
     images = next(batches)
   images.numpy()
   seconds = time.perf_counter() - start
+  # The issue's targets are per core: pipelines may keep different numbers of cores busy.
+  cpu = cpu_seconds() - cpu_start
   rate = f.num_batches * f.batch_size / seconds
   print(f"{rate:.1f} images/s ({what}, {f.dataset}, {f.image_size}x{f.image_size}, "
-        f"batch {f.batch_size}, {f.train_mode}, blur={f.use_blur})")
+        f"batch {f.batch_size}, {f.train_mode}, blur={f.use_blur}); "
+        f"{f.num_batches * f.batch_size / cpu:.1f} images per CPU second, {cpu / seconds:.2f} cores busy")
   if f.json:
     print(json.dumps({
         "images_per_sec": rate, "dataset": f.dataset, "image_size": f.image_size,
         "batch_size": f.batch_size, "train_mode": f.train_mode, "use_blur": f.use_blur,
         "color_jitter_strength": f.color_jitter_strength, "mock_data": mock_data,
         "num_batches": f.num_batches, "warmup_batches": f.warmup_batches, "seconds": seconds,
+        "cpu_seconds": cpu, "cores_busy": cpu / seconds,
+        "images_per_cpu_sec": f.num_batches * f.batch_size / cpu,
         "image_shape": list(images.shape)}))

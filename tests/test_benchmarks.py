@@ -41,3 +41,5 @@ def test_input_pipeline_benchmark_json():
   assert result["image_shape"] == [8, 16, 16, 6]  # two views on channels
   assert result["mock_data"] and result["use_blur"] and result["num_batches"] == 3
   assert abs(result["images_per_sec"] * result["seconds"] - 3 * 8) < 1e-6
+  assert abs(result["images_per_cpu_sec"] * result["cpu_seconds"] - 3 * 8) < 1e-6
+  assert abs(result["cores_busy"] * result["seconds"] - result["cpu_seconds"]) < 1e-6
