@@ -62,16 +62,16 @@ def time_pipeline(batches, flag_values, what, mock_data):
   seconds = time.perf_counter() - start
   # The targets are per core: pipelines may keep different numbers of cores busy.
   cpu = cpu_seconds() - cpu_start
-  rate = f.num_batches * f.batch_size / seconds
+  timed = f.num_batches * f.batch_size
+  rate, per_cpu_second, cores_busy = timed / seconds, timed / cpu, cpu / seconds
   print(f"{rate:.1f} images/s ({what}, {f.dataset}, {f.image_size}x{f.image_size}, "
         f"batch {f.batch_size}, {f.train_mode}, blur={f.use_blur}); "
-        f"{f.num_batches * f.batch_size / cpu:.1f} images per CPU second, {cpu / seconds:.2f} cores busy")
+        f"{per_cpu_second:.1f} images per CPU second, {cores_busy:.2f} cores busy")
   if f.json:
     print(json.dumps({
         "images_per_sec": rate, "dataset": f.dataset, "image_size": f.image_size,
         "batch_size": f.batch_size, "train_mode": f.train_mode, "use_blur": f.use_blur,
         "color_jitter_strength": f.color_jitter_strength, "mock_data": mock_data,
         "num_batches": f.num_batches, "warmup_batches": f.warmup_batches, "seconds": seconds,
-        "cpu_seconds": cpu, "cores_busy": cpu / seconds,
-        "images_per_cpu_sec": f.num_batches * f.batch_size / cpu,
+        "cpu_seconds": cpu, "cores_busy": cores_busy, "images_per_cpu_sec": per_cpu_second,
         "image_shape": list(images.shape)}))
