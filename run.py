@@ -251,8 +251,11 @@ def main(argv):
   from tf_simclr.train import checkpoints, loop
   try:
     run(argv)
-  except (checkpoints.ArchitectureMismatchError, FileNotFoundError) as e:
-    raise app.UsageError(str(e))
+  except (app.UsageError, checkpoints.ArchitectureMismatchError, FileNotFoundError) as e:
+    # One line, not absl's page of flag help: the flags are one --helpshort away.
+    hint = " (run.py --helpshort lists the flags)" if isinstance(e, app.UsageError) else ""
+    print(f"run.py: {e}{hint}", file=sys.stderr, flush=True)
+    sys.exit(1)
   except (loop.NonFiniteLossError, loop.Interrupted) as e:
     print(f"run.py: {e}", file=sys.stderr, flush=True)
     sys.exit(2 if isinstance(e, loop.NonFiniteLossError) else 3)
@@ -288,7 +291,8 @@ def run(argv):
 
   data_cfg = data_config()
   try:
-    info = datasets.dataset_info(data_cfg)
+    # The eval split is checked before training when the run evaluates, never otherwise.
+    info = datasets.dataset_info(data_cfg, with_eval=FLAGS.mode != "train")
   except ValueError as e:
     raise app.UsageError(str(e))
   is_chief = strategy_lib.is_chief(strategy)

@@ -3,6 +3,8 @@
 import gzip
 import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,8 @@ import tensorflow_datasets as tfds
 
 from tf_simclr.config import DataConfig
 from tf_simclr.data import datasets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_image(path, value, size=(10, 12), channels=3):
@@ -100,13 +104,33 @@ def test_fashion_mnist_wrong_content_is_refused(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------ TFDS
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def fashion_mnist_dir(tmp_path_factory):
-  """Fashion-MNIST prepared by TFDS from Debian's files (about 10 s)."""
+  """Fashion-MNIST prepared from Debian's files into an EMPTY data directory by two run.py
+  processes started together, each preparing (or waiting for the other) and then training
+  one step in the same process: a newcomer's first run, and the workers of a multi-worker
+  run on a fresh machine. The training-only run names no eval split that exists."""
   if not os.path.exists(os.path.join(datasets.FASHION_MNIST_DIR, "train-labels-idx1-ubyte.gz")):
     pytest.skip("needs `apt-get install dataset-fashion-mnist`")
   data_dir = str(tmp_path_factory.mktemp("tfds"))
-  datasets.tfds_builder(DataConfig(dataset="fashion_mnist", data_dir=data_dir))
+  assert not os.listdir(data_dir)
+  procs = []
+  for i in range(2):
+    model_dir = str(tmp_path_factory.mktemp(f"first_run_{i}"))
+    cmd = [sys.executable, os.path.join(ROOT, "run.py"), "--dataset=fashion_mnist",
+           f"--data_dir={data_dir}", "--mode=train", "--train_mode=pretrain",
+           "--eval_split=validation", "--image_size=16", "--resnet_depth=10",
+           "--width_multiplier=0.125", "--proj_out_dim=16", "--global_bn=false",
+           "--train_batch_size=32", "--train_steps=1", "--keep_hub_module_max=0",
+           f"--model_dir={model_dir}"]
+    procs.append((model_dir, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True,
+                                              env=dict(os.environ, PYTHONPATH=ROOT))))
+  for model_dir, proc in procs:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert "step 1/1" in stdout
+    assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-1")
   return data_dir
 
 

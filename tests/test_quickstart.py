@@ -1,6 +1,8 @@
 """The quickstart driver: its plan of run.py stages and the results it writes."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -43,3 +45,15 @@ def test_results_table_and_chart(tmp_path):
   quickstart.plot(results, ["0.01", "0.1"], str(tmp_path / "results.png"))
   with open(tmp_path / "results.png", "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failing_stage_is_named_with_its_cause_and_no_traceback(tmp_path):
+  out = subprocess.run([sys.executable, "-m", "tf_simclr.quickstart", f"--out={tmp_path}",
+                        "--extra_flags=--train_batch_size=0"], cwd=ROOT, capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+  assert out.returncode == 1
+  assert "Traceback" not in out.stderr
+  summary = out.stderr[out.stderr.index("quickstart: "):].splitlines()
+  assert summary[0] == ("quickstart: stage pretrain failed (exit 1): run.py: --train_batch_size "
+                        "must be > 0, got 0 (run.py --helpshort lists the flags)")
+  assert f"model_dir is {tmp_path}/pretrain" in summary[1] and "run the same command" in summary[1]

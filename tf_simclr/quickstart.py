@@ -66,13 +66,29 @@ def stages(out, fractions, recipe="fashion_mnist"):
   return plan
 
 
+class StageFailed(RuntimeError):
+  pass
+
+
 def run_stage(name, model_dir, flagfile, extra):
   cmd = [sys.executable, os.path.join(ROOT, "run.py"),
          f"--flagfile={os.path.join(ROOT, 'flags', flagfile)}", f"--model_dir={model_dir}",
          *extra, *FLAGS.extra_flags]
   print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
   start = time.time()
-  subprocess.run(cmd, check=True, cwd=ROOT)
+  # The stage's stderr is shown as it comes and its last line kept: that line is the cause
+  # (run.py ends on a one-line message, or on a traceback's last line) named in the summary.
+  proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, errors="replace")
+  last = ""
+  for line in proc.stderr:
+    sys.stderr.write(line)
+    if line.strip() and "\r" not in line:  # progress bars redraw with carriage returns
+      last = line.strip()
+  if proc.wait():
+    raise StageFailed(f"stage {name} failed (exit {proc.returncode}): {last or 'no message'}\n"
+                      f"Its log is above; its model_dir is {model_dir}. Once the cause "
+                      "is fixed, run the same command again: finished stages are not trained "
+                      "again and this one resumes from its last checkpoint.")
   with open(os.path.join(model_dir, "result.json")) as f:
     result = json.load(f)
   print(f"=== {name}: top-1 {result['eval/label_top_1_accuracy']:.4f} "
@@ -124,7 +140,11 @@ def main(argv):
   os.makedirs(out, exist_ok=True)
   results = {}
   for name, model_dir, flagfile, extra in stages(out, FLAGS.label_fractions, FLAGS.recipe):
-    result = run_stage(name, model_dir, flagfile, extra)
+    try:
+      result = run_stage(name, model_dir, flagfile, extra)
+    except StageFailed as e:
+      print(f"\nquickstart: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
     if name != "pretrain":
       results[name] = result["eval/label_top_1_accuracy"]
   results["wall_seconds"] = round(time.time() - start, 1)

@@ -5,13 +5,15 @@ images or file paths, plus labels), which lets the pipeline address any position
 stream directly, or, when too big for memory, streamed from TFDS (`StreamingSplit`).
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import gzip
 import hashlib
 import logging
 import os
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import tensorflow as tf
@@ -51,7 +53,7 @@ class DatasetInfo:
   num_classes: int
   num_train_examples: int      # whole training split
   num_labelled_examples: int   # class-balanced label-fraction subset (whole split at 1.0)
-  num_eval_examples: int
+  num_eval_examples: Optional[int]  # None when not asked for (a run that never evaluates)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +102,11 @@ def is_folder(cfg: DataConfig) -> bool:
   return cfg.dataset.startswith(FOLDER_PREFIX)
 
 
-def dataset_info(cfg: DataConfig) -> DatasetInfo:
-  """Sizes of the splits; reads labels only when train_label_fraction < 1."""
+def dataset_info(cfg: DataConfig, with_eval: bool = True) -> DatasetInfo:
+  """Sizes of the splits; reads labels only when train_label_fraction < 1.
+
+  `with_eval=False` leaves the eval split alone (a training-only run need not name one that
+  exists: most TFDS datasets have no "validation")."""
   validate(cfg)
   if is_folder(cfg):
     train, evaluation, classes = _folder_splits(cfg)
@@ -111,7 +116,7 @@ def dataset_info(cfg: DataConfig) -> DatasetInfo:
     builder = tfds_builder(cfg)
     num_classes = builder.info.features["label"].num_classes
     num_train = _num_examples(builder, cfg.train_split)
-    num_eval = _num_examples(builder, cfg.eval_split)
+    num_eval = _num_examples(builder, cfg.eval_split) if with_eval else None
     labels = None
     if cfg.train_label_fraction < 1:
       _require_in_memory(builder, cfg, "train_label_fraction < 1")
@@ -187,22 +192,50 @@ def subset_indices(labels: np.ndarray, fraction: float, seed: int, subset: str) 
 
 def tfds_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
   """The prepared builder of cfg.dataset (downloads it, or for fashion_mnist uses Debian's files)."""
-  try:
-    builder = tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
-  except ValueError as e:  # DatasetNotFoundError and unknown configs are ValueErrors
-    first = str(e).splitlines()[0]
-    raise ValueError(f"unknown dataset {cfg.dataset!r}: not a TFDS builder nor "
-                     f"'{FOLDER_PREFIX}/path' ({first})") from None
+  builder = _builder(cfg)
   features = builder.info.features
   if ("image" not in features or "label" not in features
       or not isinstance(features["label"], tfds.features.ClassLabel)):
     raise ValueError(f"dataset {cfg.dataset!r} has no 'image' and class 'label' features")
-  if not builder.is_prepared():
-    if builder.name == "fashion_mnist":
-      _prepare_fashion_mnist(builder)
-    else:
-      builder.download_and_prepare()
-  return builder
+  if builder.is_prepared():
+    return builder
+  # Processes started together on a fresh machine (the workers of one multi-worker run, the
+  # test suite's workers) prepare the data once: the first holds the lock, the others then
+  # find it prepared.
+  with _preparation_lock(builder.data_dir_root):
+    builder = _builder(cfg)
+    if not builder.is_prepared():
+      if builder.name == "fashion_mnist":
+        _prepare_fashion_mnist(builder)
+      else:
+        builder.download_and_prepare()
+  # A builder made before the data existed keeps the info it read then (no splits): the
+  # prepared data is read through a new one.
+  return _builder(cfg)
+
+
+def _builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+  try:
+    return tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
+  except ValueError as e:  # DatasetNotFoundError and unknown configs are ValueErrors
+    first = str(e).splitlines()[0]
+    raise ValueError(f"unknown dataset {cfg.dataset!r}: not a TFDS builder nor "
+                     f"'{FOLDER_PREFIX}/path' ({first})") from None
+
+
+@contextlib.contextmanager
+def _preparation_lock(data_dir):
+  data_dir = os.fspath(data_dir)
+  if "://" in data_dir:  # remote storage (gs://): no file locks there
+    yield
+    return
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, ".tf_simclr_prepare.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _num_examples(builder, split: str) -> int:
