@@ -55,6 +55,11 @@ flags.DEFINE_bool("global_bn", True, "Synchronize BN statistics across replicas.
 flags.DEFINE_integer("fine_tune_after_block", -1,
                      "Fine-tune only after this block (-1: all; 0: after the stem; "
                      "4: only the heads).")
+flags.DEFINE_bool("update_frozen_bn", None,
+                  "BN of the blocks frozen by --fine_tune_after_block normalises with batch "
+                  "statistics and updates its moving ones (true; the reference's tf2 code) or "
+                  "runs in inference mode (false). Unset: the reference's TF1 code, behind the "
+                  "paper's numbers: inference mode only with --fine_tune_after_block=4.")
 flags.DEFINE_integer("recompute_block_groups", -1,
                      "Keep only each block's input in block groups 1..k and recompute their "
                      "activations in the backward pass: less memory for about one more forward "
@@ -100,8 +105,9 @@ flags.DEFINE_string("teacher_checkpoint", None,
                     "SavedModel; its architecture is read from the teacher run's flags.json "
                     "(or the SavedModel's config).")
 flags.DEFINE_float("distill_temperature", 1.0, "Temperature tau of teacher and student.")
-flags.DEFINE_float("distill_alpha", 0.0,
-                   "Weight of the supervised loss on the labelled subset (0: pure distillation).")
+flags.DEFINE_float("distill_alpha", 1.0,
+                   "The paper's alpha: weight of the distillation loss; the labelled subset's "
+                   "cross-entropy weighs 1 - alpha (1: pure distillation).")
 # The teacher sees the student's images, so its image size is the student's.
 TEACHER_OVERRIDES = tuple(name for name in model_flags.NAMES if name != "image_size")
 for _name in model_flags.define_architecture_flags(names=TEACHER_OVERRIDES, override_of="teacher"):
@@ -130,6 +136,7 @@ def model_config(num_classes, overrides=None) -> ModelConfig:
       num_classes=num_classes,
       fine_tune_after_block=(FLAGS.fine_tune_after_block if FLAGS.train_mode == "finetune"
                              else -1),
+      update_frozen_bn=FLAGS.update_frozen_bn,
       recompute_block_groups=resolve_recompute_block_groups(
           FLAGS.recompute_block_groups, FLAGS.precision))
   values.update(overrides or {})
@@ -177,6 +184,11 @@ def validate_flags():
                          f"{FLAGS.train_label_fraction}")
   if not 0 <= FLAGS.distill_alpha <= 1:
     raise app.UsageError(f"--distill_alpha must be in [0, 1], got {FLAGS.distill_alpha}")
+  if FLAGS.train_mode == "distill" and FLAGS.distill_alpha == 0:
+    # The old meaning (weight of the labelled loss, 0 = pure distillation) was reversed.
+    raise app.UsageError("--distill_alpha=0 gives the teacher no weight: distill_alpha is the "
+                         "paper's alpha, the weight of the distillation loss (pure distillation "
+                         "is --distill_alpha=1, which older tf_simclr flagfiles wrote as 0)")
   if FLAGS.train_mode == "pretrain" and FLAGS.fine_tune_after_block != -1:
     raise app.UsageError("--fine_tune_after_block freezes layers, which pretraining does not "
                          "support: use it with --train_mode=finetune")

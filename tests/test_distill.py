@@ -21,7 +21,7 @@ DATA = DataConfig(dataset="fashion_mnist", train_split="train[:512]", eval_split
                   image_size=16, cache_dataset=True, seed=3)
 
 
-def trainer(tmp_path, alpha=0.0, steps=3):
+def trainer(tmp_path, alpha=1.0, steps=3):
   strategy = strategy_lib.build_strategy("one_device")
   with strategy.scope():
     teacher = build_model(MODEL)
@@ -50,7 +50,7 @@ def test_teacher_gets_no_gradient_and_keeps_its_bn_statistics(tmp_path):
 
 
 def test_objective_mixes_distillation_and_labels_with_alpha(tmp_path):
-  t = trainer(tmp_path, alpha=0.25)
+  t = trainer(tmp_path, alpha=0.75)  # the paper's alpha: the distillation loss's weight
   images = tf.constant(np.random.rand(6, 16, 16, 3), tf.float32)
   labelled = tf.constant(np.random.rand(6, 16, 16, 3), tf.float32)
   labels = tf.constant([0, 1, 2, 3, 4, 5])

@@ -61,7 +61,7 @@ def test_imagenet_stem_and_any_input_size():
 
 @pytest.mark.parametrize("mode, layers, selector, head_in", [
     ("nonlinear", 3, 0, 128), ("nonlinear", 3, 1, 128), ("nonlinear", 3, 3, 16),
-    ("nonlinear", 2, 2, 16), ("linear", 1, 1, 16), ("none", 3, 0, 128)])
+    ("nonlinear", 2, 2, 16), ("linear", 1, 1, 16), ("none", 3, 0, 128), ("nonlinear", 3, -1, 16)])
 def test_projection_head_and_selector(mode, layers, selector, head_in):
   cfg = tiny(proj_head_mode=mode, num_proj_layers=layers, ft_proj_selector=selector)
   model = build_model(cfg)
@@ -71,10 +71,13 @@ def test_projection_head_and_selector(mode, layers, selector, head_in):
   assert out["proj_head_output"].shape == (3, expected_out)
   if mode == "none":
     np.testing.assert_array_equal(out["proj_head_output"], out["final_avg_pool"])
+  if selector == -1:  # the reference's -1: the head's output feeds the supervised head
+    np.testing.assert_allclose(out["logits_sup"], model.supervised_head(out["proj_head_output"]),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_bad_selector_and_block_are_clear_errors():
-  with pytest.raises(ValueError, match="ft_proj_selector=4 must be in 0..3"):
+  with pytest.raises(ValueError, match="ft_proj_selector=4 must be in -1..3"):
     tiny(ft_proj_selector=4).validate()
   with pytest.raises(ValueError, match="fine_tune_after_block=5 must be in -1..4"):
     tiny(fine_tune_after_block=5).validate()
@@ -113,7 +116,7 @@ def test_summary_cli_json_last_line():
 
 @pytest.mark.parametrize("block", [0, 2, 4])
 def test_fine_tune_after_block_freezes_below(block):
-  model = build_model(tiny(fine_tune_after_block=block))
+  model = build_model(tiny(fine_tune_after_block=block, update_frozen_bn=False))
   frozen_prefixes = ["stem"] + [f"block_group{g}/" for g in range(1, block + 1)]
 
   def frozen(v):
@@ -137,6 +140,16 @@ def test_fine_tune_after_block_freezes_below(block):
     if "moving" in v.path:
       changed = not np.array_equal(before[v.path], v.numpy())
       assert changed != frozen(v), v.path
+  # Frozen BN on batch statistics: on request (the reference's tf2 code), and by default
+  # unless the whole trunk is frozen (its TF1 code).
+  for update in (True, None):
+    updating = build_model(tiny(fine_tune_after_block=block, update_frozen_bn=update))
+    updating.set_weights([before[v.path] for v in updating.variables])
+    updating(images, training=True)
+    expect_update = update or block < 4
+    for v in updating.variables:
+      if "moving" in v.path and frozen(v):
+        assert (not np.array_equal(before[v.path], v.numpy())) == expect_update, v.path
   # Unfrozen trunk layers still learn (blocks above the boundary have gradients).
   if block < 4:
     above = [g for v, g in zip(model.variables, grads)

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_simclr.train import loop
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--dataset=fashion_mnist", "--train_split=train[:2048]", "--eval_split=test[:512]",
@@ -138,7 +140,11 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ft_proj_selector=4"], "ft_proj_selector=4 must be in 0..3"),
+    (["--ft_proj_selector=4"], "ft_proj_selector=4 must be in -1..3"),
+    (["--train_mode=distill", "--teacher_checkpoint=/nonexistent", "--distill_alpha=0"],
+     "--distill_alpha=0 gives the teacher no weight"),
+    (["--mode=train_then_eval", "--eval_split=validation"],
+     "has no split 'validation' (splits: test, train)"),
     (["--fine_tune_after_block=5", "--train_mode=finetune"],
      "fine_tune_after_block=5 must be in -1..4"),
     (["--recompute_block_groups=5"], "recompute_block_groups=5 must be in 0..4"),
@@ -171,3 +177,40 @@ def test_checkpoint_of_another_architecture_names_the_variable(pretrained, tmp_p
   assert out.returncode != 0
   assert "does not fit the model: variable stem_conv/conv/kernel has shape [3, 3, 3, 8] " \
          "in the checkpoint but [3, 3, 3, 16] in the model" in out.stderr
+
+
+def test_top_k_correct_breaks_ties_by_class_index_like_argmax():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(0, 3, size=(200, 6)).astype(np.float32)  # many ties
+  logits[:20] = 0.0  # a degenerate head: every class tied
+  labels = rng.integers(0, 6, size=200)
+  for k in (1, 2, 5):
+    # Independently: a stable sort on -logits keeps tied classes in index order.
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    expected = (top == labels[:, None]).any(axis=1).astype(np.float32)
+    np.testing.assert_array_equal(loop.top_k_correct(labels, logits, k), expected)
+  np.testing.assert_array_equal(loop.top_k_correct(labels, logits, 1),
+                                (logits.argmax(1) == labels).astype(np.float32))
+
+
+def test_zero_head_scores_the_share_of_class_zero(tmp_path):
+  """A head whose logits are all equal predicts class 0 (argmax), not every class."""
+  from tf_simclr import strategy as strategy_lib
+  from tf_simclr.config import DataConfig, ModelConfig, TrainConfig
+  from tf_simclr.data import datasets
+  data = DataConfig(dataset="fashion_mnist", train_split="train[:256]", eval_split="test[:300]",
+                    image_size=16, cache_dataset=True)
+  spec = loop.RunSpec(
+      strategy=strategy_lib.build_strategy("one_device"), model_dir=str(tmp_path),
+      model_cfg=ModelConfig(resnet_depth=10, width_multiplier=0.125, image_size=16,
+                            num_classes=10, proj_out_dim=16, global_bn=False),
+      data_cfg=data, train_cfg=TrainConfig(train_mode="finetune", train_batch_size=64,
+                                           eval_batch_size=128, train_steps=1))
+  trainer = loop.Trainer(spec)
+  for v in trainer.model.supervised_head.variables:
+    v.assign(tf.zeros(v.shape, v.dtype))
+  result = trainer.evaluate()
+  labels = datasets.load_eval(data).labels
+  assert result["eval/num_examples"] == 300
+  assert result["eval/label_top_1_accuracy"] == pytest.approx(np.mean(labels == 0))
+  assert result["eval/label_top_5_accuracy"] == pytest.approx(np.mean(labels < 5))

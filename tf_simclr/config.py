@@ -31,6 +31,17 @@ class ModelConfig:
   # -1 trains everything; k in 0..4 stops gradients and freezes BN below block group k+1
   # (0: after the stem, 4: only the heads). Only meaningful when fine-tuning.
   fine_tune_after_block: int = -1
+  # The BN of blocks frozen by fine_tune_after_block: True normalises with batch statistics
+  # and updates the moving ones, False runs inference mode (moving statistics, kept). None
+  # follows the reference's TF1 code behind the paper's numbers: inference mode only when the
+  # whole trunk is frozen (k = 4, linear evaluation). docs/MODEL.md.
+  update_frozen_bn: Optional[bool] = None
+
+  @property
+  def frozen_bn_updates(self) -> bool:
+    if self.update_frozen_bn is None:
+      return self.fine_tune_after_block < 4
+    return self.update_frozen_bn
   # Block groups 1..k keep only each block's input for the backward pass and recompute the
   # rest there (less memory, about one more forward of those groups; models/recompute.py).
   # Changes no variable and no result: checkpoints and exports do not depend on it.
@@ -61,8 +72,10 @@ class ModelConfig:
       raise ValueError("proj_out_dim, num_proj_layers and num_classes must be > 0, got "
                        f"{self.proj_out_dim}, {self.num_proj_layers}, {self.num_classes}")
     max_selector = {"none": 0, "linear": 1, "nonlinear": self.num_proj_layers}[self.proj_head_mode]
-    if not 0 <= self.ft_proj_selector <= max_selector:
-      raise ValueError(f"ft_proj_selector={self.ft_proj_selector} must be in 0..{max_selector} "
+    # -1 counts from the end as in the reference (hiddens[-1]: the head's output).
+    if not -1 <= self.ft_proj_selector <= max_selector:
+      raise ValueError(f"ft_proj_selector={self.ft_proj_selector} must be in -1..{max_selector} "
+                       f"
                        f"(proj_head_mode={self.proj_head_mode}, num_proj_layers={self.num_proj_layers})")
     if not -1 <= self.fine_tune_after_block <= 4:
       raise ValueError(f"fine_tune_after_block={self.fine_tune_after_block} must be in -1..4")
@@ -134,5 +147,6 @@ class DistillConfig:
   """SimCLRv2's third stage: a frozen teacher labels unlabelled images for a student."""
   teacher_checkpoint: str = ""
   distill_temperature: float = 1.0
-  # Weight of the supervised loss on labelled examples (0: pure distillation).
-  distill_alpha: float = 0.0
+  # The paper's alpha (SimCLRv2 eq. 3): the distillation loss weighs alpha, the labelled
+  # examples' cross-entropy 1 - alpha (1: pure distillation, as the paper's Table 3 runs).
+  distill_alpha: float = 1.0

@@ -17,7 +17,8 @@ _HELP = {
     "proj_out_dim": "Output width of the projection head.",
     "num_proj_layers": "Layers of the nonlinear projection head.",
     "ft_proj_selector": "Projection head layer feeding the supervised head (0: trunk output; "
-                        "SimCLRv2 fine-tunes from 1, the middle of its 3-layer head).",
+                        "SimCLRv2 fine-tunes from 1, the middle of its 3-layer head; -1: the "
+                        "head's output).",
 }
 NAMES = tuple(_HELP)
 

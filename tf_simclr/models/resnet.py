@@ -51,7 +51,17 @@ class BatchNorm(layers.BatchNormalization):
   compute two-pass moments (the mean, then the mean of squared deviations): Keras' one-pass
   E[x^2] - E[x]^2 loses digits when |mean| >> std (23% of the output at mean/std = 1000,
   tests/test_model.py).
+
+  `update_when_frozen`: a non-trainable (frozen) BN still uses batch statistics in training
+  and updates its moving ones, as Keras 2 BN did under the reference's tf2 code.
   """
+
+  def __init__(self, update_when_frozen=False, **kwargs):
+    super().__init__(**kwargs)
+    self.update_when_frozen = update_when_frozen
+
+  def get_config(self):
+    return {**super().get_config(), "update_when_frozen": self.update_when_frozen}
 
   def call(self, inputs, training=None, mask=None):
     x = inputs
@@ -61,7 +71,7 @@ class BatchNorm(layers.BatchNormalization):
     gamma = tf.convert_to_tensor(self.gamma) if self.scale else ones
     beta = tf.convert_to_tensor(self.beta) if self.center else tf.zeros_like(ones)
     fused = inputs.dtype in (tf.float16, tf.bfloat16, tf.float32)
-    if training and self.trainable:
+    if training and (self.trainable or self.update_when_frozen):
       ctx = tf.distribute.get_replica_context()
       if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
         y, mean, variance = self._two_pass(x, gamma, beta, ctx)
@@ -107,7 +117,7 @@ def batch_norm(cfg: ModelConfig, name, init_zero=False, center=True):
   return BatchNorm(
       momentum=cfg.batch_norm_decay, epsilon=BATCH_NORM_EPSILON, center=center,
       gamma_initializer="zeros" if init_zero else "ones",
-      synchronized=cfg.global_bn, name=name)
+      synchronized=cfg.global_bn, update_when_frozen=cfg.frozen_bn_updates, name=name)
 
 
 class Conv2dFixedPadding(layers.Layer):

@@ -4,7 +4,7 @@ pretrain: NT-Xent on two views over the global batch (+ a linear head on stop-gr
           features when lineareval_while_pretraining);
 finetune: softmax cross-entropy on labels;
 distill:  cross-entropy to a frozen teacher's softened predictions (SimCLRv2 section 2.3),
-          optionally mixed with the labelled loss.
+          mixed with the labelled loss as the paper's eq. 3 (weights alpha and 1 - alpha).
 
 Several steps run per tf.function call (`steps_per_loop`) so Python never sits between two
 steps; metrics, summaries and progress are read once per loop.
@@ -136,7 +136,7 @@ class Trainer:
       names += ["supervised_loss", "supervised_acc"]
     else:
       names += ["distill_loss", "teacher_agreement"]
-      if self.spec.distill_cfg.distill_alpha > 0:
+      if self.spec.distill_cfg.distill_alpha < 1:
         names += ["supervised_loss", "supervised_acc"]
     return names
 
@@ -216,12 +216,12 @@ class Trainer:
       metrics["distill_loss"] = loss
       metrics["teacher_agreement"] = _agreement(teacher_logits, logits)
       alpha = self.spec.distill_cfg.distill_alpha
-      if alpha > 0:
+      if alpha < 1:
         l_logits = self.model(labelled_batch["image"], training=True)["logits_sup"]
         sup = losses.supervised_loss(labelled_batch["label"], l_logits)
         metrics["supervised_loss"] = sup
         metrics["supervised_acc"] = _accuracy(labelled_batch["label"], l_logits)
-        loss = (1 - alpha) * loss + alpha * sup
+        loss = alpha * loss + (1 - alpha) * sup
     return loss, metrics
 
   def _train_step(self, batch, labelled_batch):
@@ -272,7 +272,7 @@ class Trainer:
         train_mode=self.mode, subset=train_subset(self.mode), start_step=step, source=source)
     iterator = iter(dataset)
     labelled_iterator = None
-    if self.mode == "distill" and spec.distill_cfg.distill_alpha > 0:
+    if self.mode == "distill" and spec.distill_cfg.distill_alpha < 1:
       labelled_iterator = iter(pipeline.build_train_dataset(
           self.strategy, spec.data_cfg, global_batch_size=cfg.train_batch_size,
           train_mode="finetune", subset="labelled", start_step=step))
@@ -371,12 +371,12 @@ class Trainer:
       labels, mask = tf.cast(batch["label"], tf.int32), batch["mask"]
       sums = {
           "count": tf.reduce_sum(mask),
-          "top_1": tf.reduce_sum(mask * _in_top_k(labels, logits, 1)),
-          "top_5": tf.reduce_sum(mask * _in_top_k(labels, logits, min(5, num_classes))),
+          "top_1": tf.reduce_sum(mask * top_k_correct(labels, logits, 1)),
+          "top_5": tf.reduce_sum(mask * top_k_correct(labels, logits, min(5, num_classes))),
       }
       if teacher is not None:
         t_logits = tf.cast(teacher(batch["image"], training=False)["logits_sup"], tf.float32)
-        sums["teacher_top_1"] = tf.reduce_sum(mask * _in_top_k(labels, t_logits, 1))
+        sums["teacher_top_1"] = tf.reduce_sum(mask * top_k_correct(labels, t_logits, 1))
         sums["agreement"] = tf.reduce_sum(mask * tf.cast(
             tf.equal(tf.argmax(t_logits, -1), tf.argmax(logits, -1)), tf.float32))
       return sums
@@ -431,8 +431,15 @@ def _agreement(teacher_logits, logits):
   return _accuracy(tf.argmax(teacher_logits, -1), logits)
 
 
-def _in_top_k(labels, logits, k):
-  return tf.cast(tf.math.in_top_k(labels, logits, k), tf.float32)
+def top_k_correct(labels, logits, k):
+  """1.0 where the label is among the k first classes of `tf.math.top_k` (ties go to the
+  lower class index, so top-1 is argmax, as the reference's accuracy), else 0.0.
+
+  Not `tf.math.in_top_k`: it counts every class tied with the k-th as a hit, so a
+  degenerate head (all logits equal) would score 100%.
+  """
+  hits = tf.equal(tf.math.top_k(logits, k).indices, tf.cast(labels, tf.int32)[:, None])
+  return tf.cast(tf.reduce_any(hits, axis=-1), tf.float32)
 
 
 def write_result(model_dir, result):
