@@ -1,10 +1,13 @@
-"""Import of reference (google-research/simclr) weights, proven by matching outputs.
+"""Import of reference (google-research/simclr) weights, checked by matching outputs against
+our own statement of the reference's layout.
 
 `ReferenceNet` below is written in this test from the reference architecture's definition:
 it creates random parameters in the reference's layer creation order under both of its
 layouts (TF1 `tf.layers` names and TF2 object paths) and runs its inference forward pass
 with plain TF ops. Converting those parameters and comparing our model's outputs with it
-proves the layer mapping, BN statistics included.
+checks the layer mapping, BN statistics included, as far as that statement is right; the
+check against the reference's own tf2 code is benchmarks/reference_convert.py (it needs the
+reference installed, docs/EXPORT.md).
 """
 
 import dataclasses

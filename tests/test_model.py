@@ -87,7 +87,7 @@ def test_bad_selector_and_block_are_clear_errors():
     tiny(resnet_depth=20).validate()
 
 
-# Trainable parameter counts of the reference implementation's trunks (224x224, trunk only).
+# The reference's trunk counts (224x224), printed by benchmarks/reference_params.py (docs/MODEL.md).
 REFERENCE_TRUNK_PARAMS = [
     (50, 1, 0.0, 23_508_032),
     (50, 1, 0.0625, 35_215_584),
