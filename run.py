@@ -263,7 +263,8 @@ def main(argv):
   from tf_simclr.train import checkpoints, loop
   try:
     run(argv)
-  except (app.UsageError, checkpoints.ArchitectureMismatchError, FileNotFoundError) as e:
+  except (app.UsageError, checkpoints.ArchitectureMismatchError, checkpoints.StorageError,
+          FileNotFoundError) as e:
     # One line, not absl's page of flag help: the flags are one --helpshort away.
     hint = " (run.py --helpshort lists the flags)" if isinstance(e, app.UsageError) else ""
     print(f"run.py: {e}{hint}", file=sys.stderr, flush=True)

@@ -236,7 +236,7 @@ def test_export_run_keeps_last_n_and_is_atomic(tmp_path, monkeypatch):
     raise OSError("disk full")
 
   monkeypatch.setattr(export, "export_saved_model", crash)
-  with pytest.raises(OSError, match="disk full"):
+  with pytest.raises(checkpoints.StorageError, match="could not write SavedModel .*: disk full"):
     export.export_run(model, run, cfg, 4, keep_hub_module_max=2)
   assert sorted(os.listdir(os.path.join(run, "saved_model"))) == ["2", "3"]
   assert export.list_exports(run) == [2, 3]

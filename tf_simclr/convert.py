@@ -22,7 +22,6 @@ every shape is checked. Writes `<output>/ckpt-0` (a tf_simclr checkpoint),
 
 import collections
 import dataclasses
-import json
 import os
 import re
 
@@ -321,6 +320,7 @@ def convert(source, output, cfg: ModelConfig):
   `source` under `output`. Returns the checkpoint prefix."""
   from tf_simclr import export
   from tf_simclr.models.simclr import build_model
+  from tf_simclr.train.loop import write_json_atomic
 
   prefix = checkpoints.resolve_weights(source)
   reference = read_reference(prefix)
@@ -332,20 +332,18 @@ def convert(source, output, cfg: ModelConfig):
   for note in load_reference_weights(model, cfg, reference):
     print(f"Note: {note}", flush=True)
 
-  tf.io.gfile.makedirs(output)
+  with checkpoints.writing(output):
+    tf.io.gfile.makedirs(output)
   step = tf.Variable(0, dtype=tf.int64)
   manager = tf.train.CheckpointManager(
       tf.train.Checkpoint(model=model, global_step=step), output, max_to_keep=1,
       checkpoint_name=checkpoints.CHECKPOINT_PREFIX)
-  path = manager.save(checkpoint_number=0)
+  path = checkpoints.save_checkpoint(manager, 0)
   export.export_run(model, output, cfg, step=0, keep_hub_module_max=1)
   fields = {k: v for k, v in dataclasses.asdict(cfg).items()
             if k in checkpoints.ARCHITECTURE_FIELDS}
   fields["source"] = source
-  tmp = os.path.join(output, f"flags.json.tmp-{os.getpid()}")
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(json.dumps(fields, indent=2, sort_keys=True))
-  tf.io.gfile.rename(tmp, os.path.join(output, "flags.json"), overwrite=True)
+  write_json_atomic(os.path.join(output, "flags.json"), fields)
   return path
 
 
@@ -377,7 +375,7 @@ def main():
       raise app.UsageError(str(e))
     print(f"Wrote {path}, {F.output}/saved_model/0 and {F.output}/flags.json", flush=True)
 
-  app.run(run)
+  app.run(checkpoints.exit_on_storage_error(run))
 
 
 if __name__ == "__main__":

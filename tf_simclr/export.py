@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from tf_simclr.config import ModelConfig
 from tf_simclr.models.simclr import OUTPUT_NAMES, build_model
+from tf_simclr.train import checkpoints
 
 CONFIG_FILE = "tf_simclr_config.json"
 EXPORT_SUBDIR = "saved_model"
@@ -110,6 +111,29 @@ def list_exports(model_dir):
                 if d.rstrip("/").isdigit())
 
 
+def _export_to(final, tmp, model, model_cfg, step):
+  """export_saved_model into `tmp`, then renamed to `final` (replacing an export there), so a
+  crash never leaves a partial SavedModel under `final`. A failed write (full or read-only
+  disk) raises checkpoints.StorageError and leaves no temporary files."""
+  with checkpoints.writing(f"SavedModel {final}"):
+    try:
+      tf.io.gfile.makedirs(os.path.dirname(tmp) or ".")
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+      export_saved_model(model, tmp, model_cfg, step)
+      if tf.io.gfile.exists(final):
+        # Re-export of a step: move the old one aside first (rename cannot replace a directory).
+        stale = tmp + ".old"
+        tf.io.gfile.rename(final, stale)
+        tf.io.gfile.rename(tmp, final)
+        tf.io.gfile.rmtree(stale)
+      else:
+        tf.io.gfile.rename(tmp, final)
+    finally:
+      if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+
+
 def export_run(model, model_dir, model_cfg: ModelConfig, step, keep_hub_module_max=1):
   """Exports to <model_dir>/saved_model/<step>/ and keeps the newest keep_hub_module_max
   exports (all if <= 0). Returns the export's path.
@@ -118,24 +142,9 @@ def export_run(model, model_dir, model_cfg: ModelConfig, step, keep_hub_module_m
   renamed when complete, so a crash never leaves a numeric (valid-looking) partial export.
   """
   parent = os.path.join(model_dir, EXPORT_SUBDIR)
-  tf.io.gfile.makedirs(parent)
   final = os.path.join(parent, str(int(step)))
-  tmp = os.path.join(parent, f".tmp-{int(step)}-{os.getpid()}")
-  if tf.io.gfile.exists(tmp):
-    tf.io.gfile.rmtree(tmp)
-  try:
-    export_saved_model(model, tmp, model_cfg, step)
-    if tf.io.gfile.exists(final):
-      # Re-export of a step: move the old one aside first (rename cannot replace a directory).
-      stale = tmp + ".old"
-      tf.io.gfile.rename(final, stale)
-      tf.io.gfile.rename(tmp, final)
-      tf.io.gfile.rmtree(stale)
-    else:
-      tf.io.gfile.rename(tmp, final)
-  finally:
-    if tf.io.gfile.exists(tmp):
-      tf.io.gfile.rmtree(tmp)
+  _export_to(final, os.path.join(parent, f".tmp-{int(step)}-{os.getpid()}"), model, model_cfg,
+             step)
   if keep_hub_module_max > 0:
     for old in list_exports(model_dir)[:-keep_hub_module_max]:
       tf.io.gfile.rmtree(os.path.join(parent, str(old)))
@@ -180,7 +189,6 @@ def load_config(export_dir) -> ModelConfig:
 
 def _main(argv):
   from absl import app, flags
-  from tf_simclr.train import checkpoints
 
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -198,14 +206,8 @@ def _main(argv):
   if FLAGS.output:
     if tf.io.gfile.exists(FLAGS.output):
       raise app.UsageError(f"--output={FLAGS.output} exists; remove it or choose another")
-    tmp = FLAGS.output.rstrip("/") + f".tmp-{os.getpid()}"
-    try:
-      export_saved_model(model, tmp, cfg, step)
-      tf.io.gfile.rename(tmp, FLAGS.output)
-    finally:
-      if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-    path = FLAGS.output
+    path = FLAGS.output.rstrip("/")
+    _export_to(path, f"{path}.tmp-{os.getpid()}", model, cfg, step)
   else:
     path = export_run(model, FLAGS.model_dir, cfg, step,
                       keep_hub_module_max=FLAGS.keep_hub_module_max)
@@ -223,7 +225,7 @@ def main():
   flags.DEFINE_integer("keep_hub_module_max", 0,
                        "Without --output: keep this many newest exports of the run (0: all).")
   flags.mark_flag_as_required("model_dir")
-  app.run(_main)
+  app.run(checkpoints.exit_on_storage_error(_main))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,19 @@
 it is written, so a run killed mid-save resumes from the previous complete checkpoint.
 Restores happen only after the model and optimizer are built: a deferred restore silently
 leaves variables wrong in Keras 3 (see the notes on checkpoints).
+
+Storage faults: every reader first checks that a checkpoint reads back completely
+(verify_checkpoint), resuming falls back to the newest complete one (latest_usable), and a
+failed write leaves nothing behind (writing). They raise StorageError, whose message is the one
+line programs print instead of a traceback.
 """
 
+import contextlib
 import json
 import os
+import re
+import sys
+import time
 
 import keras
 import tensorflow as tf
@@ -21,16 +30,171 @@ class ArchitectureMismatchError(ValueError):
   """A checkpoint's variables do not fit the model it is restored into."""
 
 
+class StorageError(RuntimeError):
+  """A checkpoint, export or result that cannot be written or read back; the message names the
+  file and what is wrong."""
+
+
+class DamagedCheckpointError(StorageError):
+  """A checkpoint whose files are missing, truncated or corrupt."""
+
+
+def _reason(error):
+  """What an I/O error says without the path and op decorations TF adds ("path; No space
+  left on device [Op:SaveV2]")."""
+  message = getattr(error, "message", None) or str(error)
+  message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", message.splitlines()[0])
+  return message.rsplit("; ", 1)[-1]
+
+
+def _data_file(prefix, message=""):
+  """The data file of checkpoint `prefix` that an error is about: the shard the message names,
+  else the only one."""
+  files = sorted(tf.io.gfile.glob(prefix + ".data-?????-of-?????"))
+  shard = re.search(r"shard (\d+)", message)
+  if shard:
+    files = [f for f in files if f.startswith(f"{prefix}.data-{int(shard[1]):05d}-")]
+  return files[0] if len(files) == 1 else prefix + ".data-*"
+
+
+def verify_checkpoint(prefix: str):
+  """Raises DamagedCheckpointError naming the file at fault unless checkpoint `prefix` reads
+  back completely: the index parses and every tensor it records reads from its data file with
+  the recorded size and checksum (the reader checks both). Reads the whole checkpoint once."""
+  def damaged(problem):
+    raise DamagedCheckpointError(f"checkpoint {prefix} is damaged: {problem}")
+
+  index = prefix + ".index"
+  if not tf.io.gfile.exists(index):
+    damaged(f"{index} is missing")
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+  except tf.errors.OpError as e:
+    damaged(f"{index} cannot be read ({_reason(e)})")
+  for key in reader.get_variable_to_shape_map():
+    try:
+      reader.get_tensor(key)
+    except IndexError:  # "Read less bytes than requested"
+      damaged(f"{_data_file(prefix)} is shorter than its index records (truncated)")
+    except tf.errors.NotFoundError as e:
+      damaged(f"{e.message.split(';')[0]} is missing")
+    except tf.errors.OpError as e:
+      damaged(f"{_data_file(prefix, e.message)} does not read back ({e.message})")
+
+
+def _checkpoint_state(directory):
+  """tf.train.get_checkpoint_state, except that a state file that exists but does not parse is
+  a DamagedCheckpointError (TF ignores it, or raises ValueError when it is empty)."""
+  try:
+    state = tf.train.get_checkpoint_state(directory)
+  except ValueError:
+    state = None
+  state_file = os.path.join(directory, "checkpoint")
+  if state is None and tf.io.gfile.exists(state_file):
+    raise DamagedCheckpointError(f"{state_file}, the list of the checkpoints in {directory}, "
+                                 "cannot be read")
+  return state
+
+
 def resolve_checkpoint(path: str) -> str:
-  """A checkpoint prefix from a prefix, or from a directory holding checkpoints."""
+  """A verified checkpoint prefix from a prefix, or from a directory holding checkpoints (its
+  latest one, which must be usable: only resuming falls back to older ones)."""
   if tf.io.gfile.isdir(path):
-    latest = tf.train.latest_checkpoint(path)
-    if latest is None:
+    state = _checkpoint_state(path)
+    if state is None:
       raise FileNotFoundError(f"no checkpoint in directory {path}")
-    return latest
-  if not tf.io.gfile.exists(path + ".index"):
+    path = state.model_checkpoint_path
+  elif not tf.io.gfile.exists(path + ".index") and not tf.io.gfile.glob(path + ".data-*"):
     raise FileNotFoundError(f"checkpoint {path} does not exist (no {path}.index)")
+  verify_checkpoint(path)
   return path
+
+
+def latest_usable(manager: tf.train.CheckpointManager, is_chief=True):
+  """The newest checkpoint listed in manager's directory that reads back completely (see
+  verify_checkpoint), or None when it lists none.
+
+  Each newer damaged one is reported on stderr in one line, dropped from the manager's list
+  (its rotation would otherwise count it and delete it) and, by the chief, renamed aside with
+  its files kept: a new checkpoint of the same step must not overwrite them. Raises
+  DamagedCheckpointError, changing nothing, when no listed checkpoint is usable.
+  """
+  directory = manager.directory
+  state = _checkpoint_state(directory)
+  if state is None:
+    return None
+  listed = [state.model_checkpoint_path] + [
+      p for p in reversed(state.all_model_checkpoint_paths) if p != state.model_checkpoint_path]
+  damaged = []
+  for prefix in listed:
+    try:
+      verify_checkpoint(prefix)
+      break
+    except DamagedCheckpointError as e:
+      damaged.append((prefix, e))
+  else:
+    raise DamagedCheckpointError(
+        f"no usable checkpoint in {directory}: " + "; ".join(str(e) for _, e in damaged)
+        + " (nothing was changed: restore these files, or move them away to start afresh)")
+  suffix = time.strftime(".damaged-%Y%m%d-%H%M%S")
+  for bad, error in damaged:
+    kept = "left in place"
+    if is_chief:
+      files = [f for f in [bad + ".index"] + tf.io.gfile.glob(bad + ".data-?????-of-?????")
+               if tf.io.gfile.exists(f)]
+      with writing(f"{bad}.*{suffix}"):
+        for f in files:
+          tf.io.gfile.rename(f, f + suffix)
+      kept = f"its files renamed to {os.path.basename(bad)}.*{suffix}"
+    print(f"Warning: {error}; skipped, {kept}", file=sys.stderr, flush=True)
+    # CheckpointManager has no public way to forget a checkpoint.
+    manager._maybe_delete.pop(bad, None)
+  if damaged:
+    manager._latest_checkpoint = prefix
+    # (A state file without timestamps leaves the list empty; the next save records it.)
+    if is_chief and manager._maybe_delete:
+      with writing(os.path.join(directory, "checkpoint")):
+        manager._record_state()
+  return prefix
+
+
+@contextlib.contextmanager
+def writing(what, *leftovers):
+  """Turns a write that fails (full or read-only disk) into StorageError("could not write
+  <what>: <reason>"), after removing `leftovers`: paths or glob patterns of what it left."""
+  try:
+    yield
+  except (OSError, tf.errors.OpError) as e:
+    for pattern in leftovers:
+      for path in tf.io.gfile.glob(pattern):
+        # A cleanup that fails must not hide why the write failed.
+        with contextlib.suppress(OSError, tf.errors.OpError):
+          (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
+    raise StorageError(f"could not write {what}: {_reason(e)}") from e
+
+
+def save_checkpoint(manager: tf.train.CheckpointManager, step):
+  """manager.save numbered `step`. A failed write raises StorageError after removing what it
+  left (the temporary directory, a new checkpoint's files, the state file's temporary);
+  the previous checkpoints and the state file stay as they were."""
+  prefix = f"{os.path.join(manager.directory, CHECKPOINT_PREFIX)}-{int(step)}"
+  leftovers = [prefix + "_temp", os.path.join(manager.directory, "checkpoint.tmp*")]
+  if prefix not in manager.checkpoints:
+    leftovers += [prefix + ".index", prefix + ".data-?????-of-?????"]
+  with writing(f"checkpoint {prefix}", *leftovers):
+    return manager.save(checkpoint_number=step)
+
+
+def exit_on_storage_error(main):
+  """An absl main that ends with StorageError's one line on stderr and status 1 instead of a
+  traceback."""
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except StorageError as e:
+      print(f"{os.path.basename(argv[0])}: {e}", file=sys.stderr, flush=True)
+      sys.exit(1)
+  return wrapped
 
 
 def _is_variable(obj):
@@ -136,10 +300,8 @@ ARCHITECTURE_FIELDS = ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio
 
 def _saved_model_variables(path):
   """`<path>/variables/variables` if path is a SavedModel directory, else None."""
-  prefix = os.path.join(path, "variables", "variables")
-  if (tf.io.gfile.exists(os.path.join(path, "saved_model.pb"))
-      and tf.io.gfile.exists(prefix + ".index")):
-    return prefix
+  if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+    return os.path.join(path, "variables", "variables")
   return None
 
 
@@ -149,6 +311,7 @@ def resolve_weights(path: str) -> str:
   if tf.io.gfile.isdir(path):
     prefix = _saved_model_variables(path)
     if prefix is not None:
+      verify_checkpoint(prefix)
       return prefix
   return resolve_checkpoint(path)
 

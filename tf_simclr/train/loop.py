@@ -145,7 +145,7 @@ class Trainer:
   def restore_or_initialize(self):
     """Resumes from model_dir's latest checkpoint (model, optimizer, step) if there is one.
     Returns the step training starts at (0 for a new run; see initialize_from)."""
-    latest = self.manager.latest_checkpoint
+    latest = checkpoints.latest_usable(self.manager, self.spec.is_chief)
     if latest:
       checkpoints.check_compatible(latest, self.model)
       self.checkpoint.read(latest).assert_existing_objects_matched()
@@ -175,10 +175,11 @@ class Trainer:
   def save(self, step):
     self.global_step.assign(step)
     if self.spec.is_chief:
-      return self.manager.save(checkpoint_number=step)
+      return checkpoints.save_checkpoint(self.manager, step)
     # Non-chief workers write to a scratch directory so collective saves stay in step.
     scratch = os.path.join(self.spec.model_dir, f".worker_tmp_{os.getpid()}")
-    path = tf.train.CheckpointManager(self.checkpoint, scratch, 1).save(step)
+    path = checkpoints.save_checkpoint(tf.train.CheckpointManager(self.checkpoint, scratch, 1),
+                                       step)
     tf.io.gfile.rmtree(scratch)
     return path
 
@@ -301,8 +302,10 @@ class Trainer:
         if bad_step >= 0 or not math.isfinite(values["loss"]):
           raise NonFiniteLossError(
               f"loss became non-finite at step {bad_step if bad_step >= 0 else step}; "
-              f"the last good checkpoint in {spec.model_dir} is kept "
-              f"({self.manager.latest_checkpoint}). Lower --learning_rate or check the data.")
+              + (f"the last good checkpoint {self.manager.latest_checkpoint} is kept"
+                 if self.manager.latest_checkpoint else
+                 f"no checkpoint written yet in {spec.model_dir}")
+              + ". Lower --learning_rate or check the data.")
         elapsed = time.time() - loop_start
         rate = n * cfg.train_batch_size / max(elapsed, 1e-9)
         overall = (step - start_step) / max(time.time() - start_time, 1e-9)
@@ -354,6 +357,7 @@ class Trainer:
     """Top-1/top-5 of the supervised head on the eval split (every example exactly once)."""
     spec = self.spec
     if prefix is not None:
+      checkpoints.verify_checkpoint(prefix)
       checkpoints.check_compatible(prefix, self.model)
       tf.train.Checkpoint(model=self.model, global_step=self.global_step).read(
           prefix).expect_partial()
@@ -450,6 +454,7 @@ def write_result(model_dir, result):
 
 def write_json_atomic(path, obj):
   tmp = f"{path}.tmp-{os.getpid()}"
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(json.dumps(obj, indent=2, sort_keys=True))
-  tf.io.gfile.rename(tmp, path, overwrite=True)
+  with checkpoints.writing(path, tmp):
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      f.write(json.dumps(obj, indent=2, sort_keys=True))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
