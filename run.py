@@ -43,8 +43,14 @@ flags.DEFINE_bool("cache_dataset", False, "Cache the decoded dataset in memory."
 flags.DEFINE_float("train_label_fraction", 1.0,
                    "Class-balanced seeded fraction of the training labels used by finetune "
                    "(the paper's 1%/10% protocol).")
+flags.DEFINE_integer("train_labels_per_class", 0,
+                     "Instead of --train_label_fraction: this many labelled examples per class "
+                     "(class-balanced, seeded; ImageNet's 1%/10% have ~13/~128 per class).")
 flags.DEFINE_float("color_jitter_strength", 1.0, "Strength s of the colour distortion.")
 flags.DEFINE_bool("use_blur", True, "Gaussian blur in pretraining augmentation.")
+flags.DEFINE_string("resize_method", "bicubic",
+                    "Resampling of training crops and eval views: bicubic (the reference's) or "
+                    "bilinear (aligned corners, a faster input pipeline).")
 
 # Model: --resnet_depth, --width_multiplier, --sk_ratio, --se_ratio, --image_size (also the
 # data's), --proj_head_mode, --proj_out_dim, --num_proj_layers, --ft_proj_selector.
@@ -148,7 +154,9 @@ def data_config() -> DataConfig:
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, train_split=FLAGS.train_split,
       eval_split=FLAGS.eval_split, image_size=FLAGS.image_size,
       color_jitter_strength=FLAGS.color_jitter_strength, use_blur=FLAGS.use_blur,
+      resize_method=FLAGS.resize_method,
       cache_dataset=FLAGS.cache_dataset, train_label_fraction=FLAGS.train_label_fraction,
+      train_labels_per_class=FLAGS.train_labels_per_class,
       seed=FLAGS.seed)
 
 

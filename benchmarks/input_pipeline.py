@@ -1,7 +1,7 @@
 """Throughput of the training input pipeline, in images per second.
 
   python benchmarks/input_pipeline.py --dataset=cifar10 --image_size=32 --batch_size=256 \
-      --nouse_blur --mock_data --json
+      --nouse_blur --mock_data --json [--resize_method=bilinear]
 
 With --json the last line printed is one JSON object; `images_per_sec` is the steady-state
 rate (after --warmup_batches). An image is one training example: two views in pretraining.
@@ -20,19 +20,22 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from timing import define_pipeline_flags, time_pipeline  # pylint: disable=g-import-not-at-top
 from tf_simclr.config import DataConfig  # pylint: disable=g-import-not-at-top
-from tf_simclr.data import pipeline  # pylint: disable=g-import-not-at-top
+from tf_simclr.data import augment, pipeline  # pylint: disable=g-import-not-at-top
 
 define_pipeline_flags(flags)
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 flags.DEFINE_string("train_split", "train", "Training split.")
 flags.DEFINE_bool("mock_data", False, "TFDS mock data of the dataset's shape (no files needed).")
+flags.DEFINE_enum("resize_method", "bicubic", list(augment.RESIZE_METHODS),
+                  "Resampling of the crops (DataConfig.resize_method).")
 FLAGS = flags.FLAGS
 
 
 def main(_):
   cfg = DataConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, train_split=FLAGS.train_split,
                    image_size=FLAGS.image_size, use_blur=FLAGS.use_blur,
-                   color_jitter_strength=FLAGS.color_jitter_strength)
+                   color_jitter_strength=FLAGS.color_jitter_strength,
+                   resize_method=FLAGS.resize_method)
   mock = (tfds.testing.mock_data(num_examples=FLAGS.mock_examples,
                                  policy=tfds.testing.MockPolicy.USE_CODE)
           if FLAGS.mock_data else contextlib.nullcontext())
@@ -41,7 +44,8 @@ def main(_):
     ds = pipeline.build_train_dataset(tf.distribute.get_strategy(), cfg,
                                       global_batch_size=FLAGS.batch_size,
                                       train_mode=FLAGS.train_mode)
-  time_pipeline((batch["image"] for batch in ds), FLAGS, "tf_simclr", FLAGS.mock_data)
+  time_pipeline((batch["image"] for batch in ds), FLAGS, "tf_simclr", FLAGS.mock_data,
+                FLAGS.resize_method)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main(_):
   ds = ds.batch(FLAGS.batch_size, drop_remainder=True)
   if FLAGS.use_blur and pretrain:
     ds = ds.map(blur, num_parallel_calls=tf.data.AUTOTUNE)
-  time_pipeline(iter(ds.prefetch(tf.data.AUTOTUNE)), FLAGS, "reference pipeline", True)
+  time_pipeline(iter(ds.prefetch(tf.data.AUTOTUNE)), FLAGS, "reference pipeline", True, "bicubic")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Statistics of the batched augmentations (not pixel-exact outputs)."""
+"""Augmentations: crop sampler against TF's, resampling against independent computations,
+statistics of the colour distortion."""
 
 import numpy as np
 import pytest
@@ -24,6 +25,39 @@ def crop_geometry(boxes, h, w):
   return crop_h, crop_w
 
 
+def crop_windows(boxes, h, w):
+  """[n, 5] int (y0, x0, crop_h, crop_w, flipped) of boxes on whole pixels."""
+  y1, x1, y2, x2 = np.moveaxis(np.round(boxes.numpy() * [h - 1, w - 1, h - 1, w - 1]), 1, 0)
+  windows = [y1, np.minimum(x1, x2), y2 - y1 + 1, np.abs(x2 - x1) + 1, x1 > x2]
+  return np.stack(windows, 1).astype(int)
+
+
+def keys_matrix(n, size, a=-0.5):
+  """[size, n] bicubic resampling of n pixels to `size` on pixel centres, from Keys' kernel
+  (exact weights; taps outside the n pixels dropped and the rest renormalised)."""
+  def kernel(d):
+    d = np.abs(d)
+    return np.where(d <= 1, ((a + 2) * d - (a + 3)) * d * d + 1,
+                    np.where(d < 2, ((a * d - 5 * a) * d + 8 * a) * d - 4 * a, 0.0))
+  loc = (np.arange(size) + 0.5) * n / size - 0.5
+  m = kernel(loc[:, None] - np.arange(n)[None, :])
+  return m / m.sum(axis=1, keepdims=True)
+
+
+def keys_resize(crop, size):
+  """Bicubic resampling of one crop [h, w, C] (float64) to [size, size, C] with numpy."""
+  return np.einsum("ih,hwc,jw->ijc", keys_matrix(crop.shape[0], size), crop,
+                   keys_matrix(crop.shape[1], size))
+
+
+def ks_statistic(a, b):
+  """Two-sample Kolmogorov-Smirnov statistic: the largest gap between empirical CDFs."""
+  a, b = np.sort(a), np.sort(b)
+  x = np.concatenate([a, b])
+  cdf = lambda sample: np.searchsorted(sample, x, "right") / len(sample)
+  return np.abs(cdf(a) - cdf(b)).max()
+
+
 # A 60x30 image holds at most a 30x40 crop of aspect >= 3/4: 67% of its area.
 @pytest.mark.parametrize("h,w,large", [(32, 32, 0.8), (60, 30, 0.45)])
 def test_crop_area_and_aspect_ranges(h, w, large):
@@ -44,6 +78,41 @@ def test_crop_area_and_aspect_ranges(h, w, large):
   assert np.all((aspect[~whole] >= 0.75 - slack) & (aspect[~whole] <= 4 / 3 + slack))
   # The whole range is used: small and large crops both occur.
   assert (area < 0.15).mean() > 0.01 and (area > large).mean() > 0.05
+  # Offsets in [0, H - h) as sample_distorted_bounding_box's (0 when h == H).
+  y0, x0, crop_h, crop_w, _ = crop_windows(boxes, h, w).T
+  assert np.all((y0 + crop_h < h) | ((y0 == 0) & (crop_h == h)))
+  assert np.all((x0 + crop_w < w) | ((x0 == 0) & (crop_w == w)))
+
+
+def tf_crops(h, w, n):
+  """[n, 4] (y0, x0, crop_h, crop_w) from tf.image.sample_distorted_bounding_box with the
+  reference's arguments (data_util.crop_and_resize: 100 attempts)."""
+  @tf.function
+  def draw(seeds):
+    def one(seed):
+      begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+          [h, w, 3], tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed, min_object_covered=0.1,
+          aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=100,
+          use_image_if_no_bounding_boxes=True)
+      return tf.concat([begin[:2], size[:2]], 0)
+    return tf.map_fn(one, seeds, fn_output_signature=tf.int32)
+  return draw(tf.stack([tf.range(n), tf.fill([n], 5)], 1)).numpy()
+
+
+# Small images, where the offsets' range matters most, and an image twice as tall as wide.
+@pytest.mark.parametrize("h,w", [(10, 10), (32, 32), (60, 30)])
+def test_crop_distribution_matches_sample_distorted_bounding_box(h, w):
+  n = 5000
+  boxes = augment.crop_boxes(uniforms(n, 21), tf.fill([n], float(h)), tf.fill([n], float(w)))
+  ours = crop_windows(boxes, h, w)[:, :4]
+  theirs = tf_crops(h, w, n)
+  for name, f in [("area", lambda c: c[:, 2] * c[:, 3]), ("aspect", lambda c: c[:, 3] / c[:, 2]),
+                  ("y0", lambda c: c[:, 0]), ("x0", lambda c: c[:, 1])]:
+    # Two-sample KS at level 1e-3 / 12 (12 comparisons in this test), for n = m = 5000:
+    # c(alpha) * sqrt(2 / n) with c = sqrt(-ln(alpha / 2) / 2) = 2.25, i.e. 0.045 (discrete
+    # samples make the test conservative). The former offsets, one position too far, gave
+    # 0.13-0.14 at 10x10 and 0.08 for x0 at 60x30.
+    assert ks_statistic(f(ours), f(theirs)) < 2.25 * np.sqrt(2 / n), name
 
 
 def test_flip_rate_is_half():
@@ -52,34 +121,115 @@ def test_flip_rate_is_half():
   assert abs((boxes[:, 1] > boxes[:, 3]).mean() - 0.5) < 0.02
 
 
-def test_crop_and_resize_identity_and_flip():
+def whole_box(h, w):
+  one = lambda v: tf.fill([1, 1], float(v))
+  return augment._pixel_boxes(one(0), one(0), one(h), one(w), one(h), one(w))
+
+
+def image_and_boxes(dtype, h, w, n=64):
+  """A random [h, w, 3] image, n random crop + flip boxes and the whole image's box."""
+  image = tf.random.stateless_uniform([h, w, 3], [3, 3])
+  image = tf.cast(image * 255.0, dtype) if dtype == tf.uint8 else image
+  boxes = augment.geometric_boxes(uniforms(n, 17), tf.fill([n], float(h)), tf.fill([n], float(w)))
+  return image, tf.concat([boxes, whole_box(h, w)], 0)
+
+
+@pytest.mark.parametrize("method", augment.RESIZE_METHODS)
+def test_crop_and_resize_identity_and_flip(method):
   image = tf.reshape(tf.range(8 * 8 * 3, dtype=tf.float32) / 192.0, [1, 8, 8, 3])
-  whole = augment._pixel_boxes(tf.zeros([1, 1]), tf.zeros([1, 1]), tf.fill([1, 1], 8.0),
-                               tf.fill([1, 1], 8.0), tf.fill([1, 1], 8.0), tf.fill([1, 1], 8.0))
-  np.testing.assert_allclose(augment.crop_and_resize(image, whole, 8), image, atol=1e-6)
+  whole = whole_box(8, 8)
+  np.testing.assert_allclose(augment.crop_and_resize(image, whole, 8, method=method), image,
+                             atol=1e-6)
   flipped = augment.flip_boxes(whole, tf.zeros([1]))
-  np.testing.assert_allclose(augment.crop_and_resize(image, flipped, 8), image[:, :, ::-1], atol=1e-6)
+  np.testing.assert_allclose(augment.crop_and_resize(image, flipped, 8, method=method),
+                             image[:, :, ::-1], atol=1e-6)
   gray = tf.cast(tf.fill([1, 8, 8, 1], 255), tf.uint8)
-  out = augment.crop_and_resize(gray, whole, 16)
+  out = augment.crop_and_resize(gray, whole, 16, method=method)
   assert out.shape == (1, 16, 16, 3) and np.allclose(out, 1.0)
 
 
 @pytest.mark.parametrize("dtype,h,w,size", [(tf.uint8, 40, 30, 24), (tf.float32, 12, 20, 32)])
-def test_per_image_crops_equal_crop_and_resize(dtype, h, w, size):
-  n = 64
-  image = tf.random.stateless_uniform([h, w, 3], [3, 3])
-  image = tf.cast(image * 255.0, dtype) if dtype == tf.uint8 else image
-  boxes = tf.concat([augment.geometric_boxes(uniforms(n, 17), tf.fill([n], float(h)), tf.fill([n], float(w))),
-                     augment.center_crop_boxes(tf.constant([float(h)]), tf.constant([float(w)]))], 0)
-  batched = augment.crop_and_resize(image[None], boxes, size, tf.zeros([n + 1], tf.int32))
+def test_bicubic_crops_resample_the_sliced_crop(dtype, h, w, size):
+  # Both implementations (batched, per image) against the crop cut out with numpy and
+  # resampled by tf.image.resize BICUBIC, flipped, scaled and clipped as the reference does.
+  image, boxes = image_and_boxes(dtype, h, w)
+  pixels = image.numpy().astype(np.float32) / (255.0 if dtype == tf.uint8 else 1.0)
+  expected, exact = [], []
+  for y0, x0, ch, cw, flipped in crop_windows(boxes, h, w):
+    crop = pixels[y0:y0 + ch, x0:x0 + cw]
+    view = tf.image.resize(crop, [size, size], method="bicubic").numpy()
+    expected.append(np.clip(view[:, ::-1] if flipped else view, 0, 1))
+    view = keys_resize(crop.astype(np.float64), size)
+    exact.append(np.clip(view[:, ::-1] if flipped else view, 0, 1))
+  batched = augment.crop_and_resize(image[None], boxes, size, tf.zeros([len(boxes)], tf.int32))
   per_image = augment.crop_and_resize_views(image, boxes, size)
-  np.testing.assert_allclose(per_image, batched, atol=1e-5)
+  np.testing.assert_allclose(batched, expected, atol=1e-5)
+  np.testing.assert_allclose(per_image, expected, atol=1e-5)
+  # Pixel centres and Keys' kernel (a = -0.5) from first principles. TF reads the weights
+  # from a table of 1024 steps per pixel: each weight is off by up to |K'| / 2048 < 1e-3.
+  np.testing.assert_allclose(batched, exact, atol=3e-3)
+  assert np.abs(np.array(batched) - np.array(exact)).mean() < 5e-4
 
 
-def test_center_crop_keeps_0875_of_the_short_side():
-  boxes = augment.center_crop_boxes(tf.constant([256.0]), tf.constant([320.0]))
-  crop_h, crop_w = crop_geometry(boxes, 256, 320)
-  np.testing.assert_allclose([crop_h[0], crop_w[0]], [224, 224], atol=1e-3)
+@pytest.mark.parametrize("dtype,h,w,size", [(tf.uint8, 40, 30, 24), (tf.float32, 12, 20, 32)])
+def test_bilinear_crops_resample_the_sliced_crop(dtype, h, w, size):
+  # The bilinear option: the crop cut out with numpy, resized with aligned corners.
+  image, boxes = image_and_boxes(dtype, h, w)
+  pixels = image.numpy().astype(np.float32) / (255.0 if dtype == tf.uint8 else 1.0)
+  expected = []
+  for y0, x0, ch, cw, flipped in crop_windows(boxes, h, w):
+    view = tf.raw_ops.ResizeBilinear(images=pixels[None, y0:y0 + ch, x0:x0 + cw],
+                                     size=[size, size], align_corners=True)[0].numpy()
+    expected.append(view[:, ::-1] if flipped else view)
+  np.testing.assert_allclose(augment.crop_and_resize_views(image, boxes, size, method="bilinear"),
+                             expected, atol=1e-6)
+  # The batched path keeps boxes 2^-20 of the image inside the border (sampling points move
+  # by at most 39 * 2^-20 < 4e-5 pixels) and crop_and_resize rounds differently (~1e-5);
+  # a sampling point rounded outside the image would be 0, far off.
+  batched = augment.crop_and_resize(image[None], boxes, size, tf.zeros([len(boxes)], tf.int32),
+                                    method="bilinear")
+  np.testing.assert_allclose(batched, expected, atol=1e-4)
+
+
+def test_eval_view_is_the_centre_crop():
+  # 256x320 at 224: the crop keeps 0.875 * 256 = 224 rows, offsets (256-224+1)//2 = 16 and
+  # (320-224+1)//2 = 48, and needs no resampling: the view is those pixels.
+  image = tf.cast(tf.random.stateless_uniform([256, 320, 3], [4, 4]) * 256.0, tf.uint8)
+  expected = image.numpy()[16:240, 48:272] / 255.0
+  for method in augment.RESIZE_METHODS:
+    out = augment.preprocess_for_eval(image, 224, resize_method=method)
+    assert out.dtype == tf.float32 and out.shape == (224, 224, 3)
+    np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_preprocess_for_eval_resamples_bicubically_by_default():
+  # Float input, 50x40 at 36: a 35x35 centre crop from row 8, column 3, upsampled.
+  image = tf.random.stateless_uniform([50, 40, 3], [5, 5])
+  crop = image.numpy()[8:43, 3:38]
+  out = augment.preprocess_for_eval(image, 36)
+  resized = tf.image.resize(crop, [36, 36], method="bicubic")
+  np.testing.assert_allclose(out, np.clip(resized, 0, 1), atol=1e-6)
+  unclipped = keys_resize(crop.astype(np.float64), 36)
+  np.testing.assert_allclose(out, np.clip(unclipped, 0, 1), atol=3e-3)
+  # Bicubic overshoots at sharp edges (here, of random pixels): the view is clipped.
+  assert unclipped.min() < -0.01 and unclipped.max() > 1.01
+  assert out.numpy().min() == 0.0 and out.numpy().max() == 1.0
+  bilinear = augment.preprocess_for_eval(image, 36, resize_method="bilinear")
+  expected = tf.raw_ops.ResizeBilinear(images=crop[None], size=[36, 36], align_corners=True)[0]
+  np.testing.assert_allclose(bilinear, expected, atol=1e-6)
+
+
+def test_small_eval_images_are_not_cropped():
+  # Below EVAL_CROP_MIN_SIZE the whole image is resampled (the reference's CIFAR setting);
+  # at its own size that is the identity. uint8 input, one channel made RGB.
+  image = tf.cast(tf.random.stateless_uniform([28, 28, 1], [6, 6]) * 256.0, tf.uint8)
+  pixels = np.repeat(image.numpy() / 255.0, 3, axis=-1)
+  np.testing.assert_allclose(augment.preprocess_for_eval(image, 28), pixels, atol=1e-6)
+  np.testing.assert_allclose(augment.preprocess_for_eval(image, 32),
+                             np.clip(keys_resize(pixels, 32), 0, 1), atol=3e-3)
+  message = r"resize_method='area' is not one of \('bicubic', 'bilinear'\)"
+  with pytest.raises(ValueError, match=message):
+    augment.preprocess_for_eval(image, 28, resize_method="area")
 
 
 def test_grayscale_rate_and_value_range():

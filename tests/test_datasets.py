@@ -196,3 +196,14 @@ def test_folder_train_val_layout(tmp_path):
   cfg = DataConfig(dataset=f"folder:{tmp_path}", train_label_fraction=0.5)
   assert datasets.dataset_info(cfg) == datasets.DatasetInfo(3, 12, 6, 4)
   np.testing.assert_array_equal(np.unique(datasets.load_eval(cfg).labels), [0, 2])
+
+
+def test_labels_per_class_and_its_conflict_with_a_fraction():
+  labels = np.repeat(np.arange(4), [30, 12, 5, 40])
+  chosen = datasets.labelled_indices(labels, 1.0, seed=2, per_class=10)
+  np.testing.assert_array_equal(np.bincount(labels[chosen]), [10, 10, 5, 10])
+  # Seeded: the same subset in every process, another with another seed.
+  np.testing.assert_array_equal(chosen, datasets.labelled_indices(labels, 1.0, 2, per_class=10))
+  assert not np.array_equal(chosen, datasets.labelled_indices(labels, 1.0, 3, per_class=10))
+  with pytest.raises(ValueError, match="set one of them"):
+    datasets.validate(DataConfig(train_labels_per_class=13, train_label_fraction=0.1))

@@ -125,6 +125,25 @@ def test_eval_is_a_deterministic_centre_crop(folder):
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x["image"], y["image"])
   assert a[-1]["mask"].tolist() == [1.0, 0.0]  # 3 eval images, padded to 4
+  # The eval views are augment.preprocess_for_eval's of the decoded files, in order.
+  decoded = [datasets.decode_image(tf.io.read_file(f)) for f in datasets.load_eval(cfg).images]
+  expected = [augment.preprocess_for_eval(image, 36) for image in decoded]
+  np.testing.assert_array_equal(np.concatenate([x["image"] for x in a])[:3], expected)
+
+
+@pytest.mark.parametrize("size", [16, augment.EVAL_CROP_MIN_SIZE + 3])
+@pytest.mark.parametrize("method", ["bicubic", "bilinear"])
+def test_eval_views_are_preprocess_for_eval(size, method):
+  # In-memory pixels (labels are indices), uncropped below EVAL_CROP_MIN_SIZE.
+  source = indexed(13, size=40)
+  ds = pipeline.eval_dataset(source, DataConfig(image_size=size, resize_method=method),
+                             global_batch_size=8, per_replica_batch=8)
+  x = {k: np.concatenate([b[k] for b in batches(ds, 10)]) for k in ("image", "label", "mask")}
+  real = x["mask"] == 1
+  assert real.sum() == 13
+  expected = [augment.preprocess_for_eval(source.images[i], size, resize_method=method)
+              for i in x["label"][real]]
+  np.testing.assert_array_equal(x["image"][real], expected)
 
 
 def test_mock_cifar10_pretrain():
@@ -164,6 +183,14 @@ def test_errors(folder):
   with pytest.raises(ValueError, match="subset='none' is not one of"):
     pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, train_mode="distill",
                                  subset="none")
+  bad = DataConfig(dataset=f"folder:{folder}", image_size=16, resize_method="lanczos")
+  message = r"^resize_method='lanczos' is not one of \('bicubic', 'bilinear'\)$"
+  with pytest.raises(ValueError, match=message):
+    datasets.validate(bad)
+  with pytest.raises(ValueError, match=message):
+    pipeline.build_train_dataset(DEFAULT, bad, global_batch_size=8, train_mode="pretrain")
+  with pytest.raises(ValueError, match=message):
+    pipeline.build_eval_dataset(DEFAULT, bad, global_batch_size=8)
 
 
 _TWO_REPLICAS = textwrap.dedent("""
@@ -189,6 +216,8 @@ _TWO_REPLICAS = textwrap.dedent("""
     for name, cfg in [("files", DataConfig(dataset="folder:" + sys.argv[1], image_size=16,
                                            use_blur=True, train_label_fraction=0.5)),
                       ("pixels", DataConfig(dataset="cifar10", image_size=24, use_blur=True)),
+                      ("pixels_bilinear", DataConfig(dataset="cifar10", image_size=24,
+                                                     resize_method="bilinear")),
                       # Large images: colour distortion per image, before batching.
                       ("per_image", DataConfig(dataset="cifar10", image_size=augment.PER_IMAGE_MIN_SIZE,
                                                use_blur=True))]:
@@ -214,5 +243,5 @@ def test_one_and_two_replicas_give_the_same_global_batches(folder):
                        text=True, env=env, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(run.stdout.strip().splitlines()[-1])
-  assert result["files"] and result["pixels"] and result["per_image"]
+  assert result["files"] and result["pixels"] and result["pixels_bilinear"] and result["per_image"]
   assert result["eval_shapes"] == [[4, 16, 16, 3]] and result["eval_real"] == 3

@@ -75,7 +75,6 @@ class ModelConfig:
     # -1 counts from the end as in the reference (hiddens[-1]: the head's output).
     if not -1 <= self.ft_proj_selector <= max_selector:
       raise ValueError(f"ft_proj_selector={self.ft_proj_selector} must be in -1..{max_selector} "
-                       f"
                        f"(proj_head_mode={self.proj_head_mode}, num_proj_layers={self.num_proj_layers})")
     if not -1 <= self.fine_tune_after_block <= 4:
       raise ValueError(f"fine_tune_after_block={self.fine_tune_after_block} must be in -1..4")
@@ -107,10 +106,20 @@ class DataConfig:
   image_size: int = 224
   color_jitter_strength: float = 1.0
   use_blur: bool = True
+  # Resampling of training crops and eval views: "bicubic" (the reference's: pixel centres,
+  # clipped to [0, 1]) or "bilinear" (aligned corners; a faster input pipeline).
+  resize_method: str = "bicubic"
   cache_dataset: bool = False
   # Class-balanced, seeded subset of the labelled training split (the paper's 1%/10%).
   train_label_fraction: float = 1.0
+  # > 0: exactly this many labelled examples per class instead (all of a smaller class): the
+  # paper's regimes as labels per class (ImageNet's 1% has ~12.8, its 10% ~128).
+  train_labels_per_class: int = 0
   seed: int = 0
+
+  @property
+  def has_label_subset(self) -> bool:
+    return self.train_label_fraction < 1 or self.train_labels_per_class > 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,6 +23,7 @@ from tensorflow_datasets.core.download import checksums as tfds_checksums
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
 from tf_simclr.config import DataConfig
+from tf_simclr.data import augment
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -96,6 +97,12 @@ def validate(cfg: DataConfig):
     raise ValueError(f"image_size must be >= 8, got {cfg.image_size}")
   if not 0 < cfg.train_label_fraction <= 1:
     raise ValueError(f"train_label_fraction must be in (0, 1], got {cfg.train_label_fraction}")
+  if cfg.train_labels_per_class < 0:
+    raise ValueError(f"train_labels_per_class must be >= 0, got {cfg.train_labels_per_class}")
+  if cfg.train_labels_per_class and cfg.train_label_fraction < 1:
+    raise ValueError("train_labels_per_class and train_label_fraction < 1 both choose the "
+                     "labelled subset: set one of them")
+  augment.check_resize_method(cfg.resize_method)
 
 
 def is_folder(cfg: DataConfig) -> bool:
@@ -103,7 +110,7 @@ def is_folder(cfg: DataConfig) -> bool:
 
 
 def dataset_info(cfg: DataConfig, with_eval: bool = True) -> DatasetInfo:
-  """Sizes of the splits; reads labels only when train_label_fraction < 1.
+  """Sizes of the splits; reads labels only for a label subset.
 
   `with_eval=False` leaves the eval split alone (a training-only run need not name one that
   exists: most TFDS datasets have no "validation")."""
@@ -118,12 +125,13 @@ def dataset_info(cfg: DataConfig, with_eval: bool = True) -> DatasetInfo:
     num_train = _num_examples(builder, cfg.train_split)
     num_eval = _num_examples(builder, cfg.eval_split) if with_eval else None
     labels = None
-    if cfg.train_label_fraction < 1:
-      _require_in_memory(builder, cfg, "train_label_fraction < 1")
+    if cfg.has_label_subset:
+      _require_in_memory(builder, cfg, "a label subset")
       labels = _tfds_labels(builder, cfg.train_split)
   num_labelled = num_train
-  if cfg.train_label_fraction < 1:
-    num_labelled = len(labelled_indices(labels, cfg.train_label_fraction, cfg.seed))
+  if cfg.has_label_subset:
+    num_labelled = len(labelled_indices(labels, cfg.train_label_fraction, cfg.seed,
+                                        cfg.train_labels_per_class))
   return DatasetInfo(num_classes, num_train, num_labelled, num_eval)
 
 
@@ -137,14 +145,15 @@ def load_train(cfg: DataConfig, subset: str = "labelled") -> Source:
   else:
     builder = tfds_builder(cfg)
     if not _fits_in_memory(builder, cfg, cfg.train_split):
-      if subset != "all" and cfg.train_label_fraction < 1:
-        _require_in_memory(builder, cfg, f"subset={subset!r} with train_label_fraction < 1")
+      if subset != "all" and cfg.has_label_subset:
+        _require_in_memory(builder, cfg, f"subset={subset!r} with a label subset")
       num = _num_examples(builder, cfg.train_split)
       return StreamingSplit(builder, cfg.train_split, 0 if subset == "unlabelled" else num)
     examples = _tfds_examples(builder, cfg.train_split)
   if subset == "all":
     return examples
-  return examples.take(subset_indices(examples.labels, cfg.train_label_fraction, cfg.seed, subset))
+  return examples.take(subset_indices(examples.labels, cfg.train_label_fraction, cfg.seed, subset,
+                                      cfg.train_labels_per_class))
 
 
 def load_eval(cfg: DataConfig) -> Source:
@@ -160,26 +169,29 @@ def load_eval(cfg: DataConfig) -> Source:
 # ----------------------------------------------------------------------------------------
 # Label-fraction subsets.
 
-def labelled_indices(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-  """Sorted indices of a class-balanced subset: round(fraction * n_c) (at least 1) per class.
+def labelled_indices(labels: np.ndarray, fraction: float, seed: int,
+                     per_class: int = 0) -> np.ndarray:
+  """Sorted indices of a class-balanced subset: round(fraction * n_c) (at least 1) per class,
+  or with `per_class` > 0 min(per_class, n_c).
 
   Each class draws from its own generator seeded by (seed, class), so a class's choice does
   not depend on the other classes, and the result is identical in every process.
   """
   labels = np.asarray(labels)
-  if fraction >= 1:
+  if fraction >= 1 and not per_class:
     return np.arange(len(labels))
   chosen = []
   for c in np.unique(labels):
     members = np.flatnonzero(labels == c)
-    k = min(len(members), max(1, int(round(fraction * len(members)))))
+    k = min(len(members), per_class or max(1, int(round(fraction * len(members)))))
     rng = np.random.default_rng([seed, int(c) & 0xFFFFFFFF])
     chosen.append(members[rng.permutation(len(members))[:k]])
   return np.sort(np.concatenate(chosen))
 
 
-def subset_indices(labels: np.ndarray, fraction: float, seed: int, subset: str) -> np.ndarray:
-  labelled = labelled_indices(labels, fraction, seed)
+def subset_indices(labels: np.ndarray, fraction: float, seed: int, subset: str,
+                   per_class: int = 0) -> np.ndarray:
+  labelled = labelled_indices(labels, fraction, seed, per_class)
   if subset == "labelled":
     return labelled
   if subset == "unlabelled":

@@ -27,8 +27,6 @@ _TRAIN_STREAM = 0
 _STREAMING_STREAM = 1
 # The reference's shuffle buffer for streamed data, in per-replica batches.
 _SHUFFLE_BATCHES_SMALL, _SHUFFLE_BATCHES_LARGE = 50, 10
-# Small images are evaluated uncropped, as in the reference (its CIFAR setting).
-_EVAL_CROP_MIN_SIZE = 33
 
 
 def build_train_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, train_mode: str,
@@ -98,30 +96,38 @@ def train_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_bat
     ds = _streaming_train(source, cfg, per_replica_batch, views, start_step * global_batch_size,
                           num_pipelines, pipeline_id, view_fn)
   else:
-    positions = _positions(per_replica_batch, global_batch_size, num_pipelines, pipeline_id,
-                           start_step)
-    ds = _examples_at(source, positions, per_replica_batch, cfg, views,
-                      _train_lookup(len(source), cfg.seed),
-                      lambda u, h, w: _view_boxes(u, h, w, views), view_fn)
+    b, size, width = per_replica_batch, cfg.image_size, augment.DRAWS_PER_VIEW * views
+
+    def example_fn(image, p):
+      return _views_of(image, _draws(cfg.seed, p, 1, width), cfg, views, view_fn)
+
+    def batch_fn(images, first_position):  # crops of a whole batch in one pass
+      u = _draws(cfg.seed, first_position, b, width)
+      h, w = (tf.fill([b], float(d)) for d in images.shape[1:3])
+      crops = augment.crop_and_resize(images, _view_boxes(u, h, w, views), size,
+                                      tf.repeat(tf.range(b), views), method=cfg.resize_method)
+      return {"image": tf.reshape(crops, [b, views, size, size, 3]),
+              "u": tf.reshape(u, [b, views, augment.DRAWS_PER_VIEW])}
+
+    positions = _positions(b, global_batch_size, num_pipelines, pipeline_id, start_step)
+    ds = _examples_at(source, positions, b, _train_lookup(len(source), cfg.seed), example_fn,
+                      batch_fn if view_fn is None else None)
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_batch,
                  num_pipelines=1, pipeline_id=0) -> tf.data.Dataset:
-  crop = cfg.image_size >= _EVAL_CROP_MIN_SIZE
-
-  def boxes(u, h, w):
-    del u
-    if crop:
-      return augment.center_crop_boxes(h, w)
-    return tf.stack([tf.zeros_like(h), tf.zeros_like(h), tf.ones_like(h), tf.ones_like(h)], 1)
+  """The per-replica eval batches one input pipeline emits: `augment.preprocess_for_eval` of
+  each example, per example, so evaluation sees exactly what that function returns."""
+  def view(image):
+    return augment.preprocess_for_eval(image, cfg.image_size, resize_method=cfg.resize_method)
 
   num = len(source) if isinstance(source, datasets.Examples) else source.num_examples
   steps = num_eval_steps(num, global_batch_size)
   if isinstance(source, datasets.StreamingSplit):
     ds = _streaming_eval(source, cfg, per_replica_batch, global_batch_size, steps,
-                         num_pipelines, pipeline_id, boxes)
+                         num_pipelines, pipeline_id, view)
   else:
     replicas_here = global_batch_size // per_replica_batch // num_pipelines
     positions = _positions(per_replica_batch, global_batch_size, num_pipelines, pipeline_id, 0)
@@ -130,8 +136,8 @@ def eval_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_batc
     def lookup(p):
       return tf.minimum(p, num - 1), tf.cast(p < num, tf.float32)
 
-    ds = _examples_at(source, positions, per_replica_batch, cfg, 1, lookup, boxes)
-  ds = ds.map(lambda ex: {"image": ex["image"][:, 0], "label": ex["label"], "mask": ex["mask"]})
+    ds = _examples_at(source, positions, per_replica_batch, lookup,
+                      lambda image, p: {"image": view(image)})
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -178,52 +184,41 @@ def _view_boxes(u, height, width, views):
   return augment.geometric_boxes(u, tf.repeat(height, views), tf.repeat(width, views))
 
 
-def _examples_at(source, positions, b, cfg, views, lookup, boxes_fn, view_fn=None):
-  """Per-replica batches {"image": [b, V, S, S, 3], "label", "mask", "u": [b*V, K]}.
-
-  `view_fn(crops [V, S, S, 3], u [V, K])`, if given, runs on each example before batching.
-  """
-  size = cfg.image_size
-  width = augment.DRAWS_PER_VIEW * views
+def _examples_at(source, positions, b, lookup, example_fn, batch_fn=None):
+  """Per-replica batches of the examples at `positions`: {"label", "mask"} and the entries
+  that `batch_fn(images [b, H, W, C], first position)` returns for in-memory pixel arrays
+  (when given: one pass per batch), or else `example_fn(image [H, W, C], position)` per
+  example before batching."""
   images, labels = source.tensors
 
-  if source.kind == "pixels" and view_fn is None:  # crops of a whole batch in one op
-    h, w = (float(d) for d in source.images.shape[1:3])
-
-    def batch_fn(pos):
+  if source.kind == "pixels" and batch_fn is not None:
+    def per_batch(pos):
       index, mask = lookup(pos)
-      u = _draws(cfg.seed, pos[0], b, width)
-      hs, ws = tf.fill([b], h), tf.fill([b], w)
-      boxes = boxes_fn(u, hs, ws)
-      crops = augment.crop_and_resize(tf.gather(images, index), boxes, size,
-                                      tf.repeat(tf.range(b), views))
-      return {"image": tf.reshape(crops, [b, views, size, size, 3]),
-              "label": tf.gather(labels, index), "mask": mask,
-              "u": tf.reshape(u, [b * views, augment.DRAWS_PER_VIEW])}
+      return {**batch_fn(tf.gather(images, index), pos[0]), "label": tf.gather(labels, index),
+              "mask": mask}
 
-    return positions.map(batch_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    return positions.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
 
-  def example_fn(p):
+  def per_example(p):
     index, mask = lookup(p)
     data = images[index]
     if source.kind == "pixels":
       image = data
     else:
       image = datasets.decode_image(tf.io.read_file(data) if source.kind == "files" else data)
-    crops, u = _views_of(image, _draws(cfg.seed, p, 1, width), size, views, boxes_fn, view_fn)
-    return {"image": crops, "label": labels[index], "mask": mask, "u": u}
+    return {**example_fn(image, p), "label": labels[index], "mask": mask}
 
-  ds = positions.unbatch().map(example_fn, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(b, drop_remainder=True)
-  return ds.map(lambda ex: {**ex, "u": tf.reshape(ex["u"], [b * views, augment.DRAWS_PER_VIEW])})
+  ds = positions.unbatch().map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
+  return ds.batch(b, drop_remainder=True)
 
 
-def _views_of(image, u, size, views, boxes_fn, view_fn):
-  """One image's crops [V, S, S, 3] (view_fn applied, if any) and its draws [V, K]."""
+def _views_of(image, u, cfg, views, view_fn):
+  """{"image": one image's crops [V, S, S, 3] (view_fn applied, if any), "u": its draws [V, K]}."""
   shape = tf.cast(tf.shape(image), tf.float32)
-  crops = augment.crop_and_resize_views(image, boxes_fn(u, shape[0:1], shape[1:2]), size)
+  boxes = _view_boxes(u, shape[0:1], shape[1:2], views)
+  crops = augment.crop_and_resize_views(image, boxes, cfg.image_size, method=cfg.resize_method)
   u = tf.reshape(u, [views, augment.DRAWS_PER_VIEW])
-  return (crops if view_fn is None else view_fn(crops, u)), u
+  return {"image": crops if view_fn is None else view_fn(crops, u), "u": u}
 
 
 def _photometric_fns(cfg, train_mode, views):
@@ -240,7 +235,8 @@ def _photometric_fns(cfg, train_mode, views):
     b, size = tf.shape(x)[0], x.shape[2]
     if train_mode == "pretrain" and not per_image:
       flat = tf.reshape(x, [-1, size, size, 3])
-      flat = augment.photometric(flat, ex["u"], color_jitter_strength=cfg.color_jitter_strength,
+      u = tf.reshape(ex["u"], [-1, augment.DRAWS_PER_VIEW])
+      flat = augment.photometric(flat, u, color_jitter_strength=cfg.color_jitter_strength,
                                  use_blur=cfg.use_blur)
       x = tf.reshape(flat, [b, views, size, size, 3])
     # Views side by side on channels: view v is channels 3v .. 3v+2.
@@ -252,12 +248,11 @@ def _photometric_fns(cfg, train_mode, views):
 # ----------------------------------------------------------------------------------------
 # Streaming fallback (TFDS splits too big for memory).
 
-def _decode_crop(cfg, views, boxes_fn, view_fn=None):
+def _decode_crop(cfg, views, view_fn=None):
   def fn(ex, p):
     u = _draws(cfg.seed, p, 1, augment.DRAWS_PER_VIEW * views, _STREAMING_STREAM)
-    crops, u = _views_of(datasets.decode_image(ex["image"]), u, cfg.image_size, views, boxes_fn,
-                         view_fn)
-    return {"image": crops, "label": tf.cast(ex["label"], tf.int32), "u": u}
+    return {**_views_of(datasets.decode_image(ex["image"]), u, cfg, views, view_fn),
+            "label": tf.cast(ex["label"], tf.int32)}
   return fn
 
 
@@ -275,21 +270,20 @@ def _streaming_train(source, cfg, b, views, first_position, num_pipelines, pipel
   ds = ds.shuffle(b * buffer, seed=cfg.seed).repeat()
   # Positions interleave the pipelines, so no two pipelines share augmentation draws.
   ds = ds.enumerate().map(lambda i, ex: (ex, first_position + i * num_pipelines + pipeline_id))
-  ds = ds.map(_decode_crop(cfg, views, lambda u, h, w: _view_boxes(u, h, w, views), view_fn),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
-  ds = ds.batch(b, drop_remainder=True)
-  return ds.map(lambda ex: {**ex, "u": tf.reshape(ex["u"], [b * views, augment.DRAWS_PER_VIEW])})
+  ds = ds.map(_decode_crop(cfg, views, view_fn), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=False)
+  return ds.batch(b, drop_remainder=True)
 
 
-def _streaming_eval(source, cfg, b, global_batch, steps, num_pipelines, pipeline_id, boxes_fn):
+def _streaming_eval(source, cfg, b, global_batch, steps, num_pipelines, pipeline_id, view):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   ds = source.builder.as_dataset(split=source.split, shuffle_files=False,
                                  decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.enumerate().map(lambda i, ex: (ex, i))
-  ds = ds.map(_decode_crop(cfg, 1, boxes_fn), num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.map(lambda ex: {"image": ex["image"], "label": ex["label"], "mask": tf.constant(1.0)})
+  ds = ds.map(lambda ex: {"image": view(datasets.decode_image(ex["image"])),
+                          "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)},
+              num_parallel_calls=tf.data.AUTOTUNE)
   size = cfg.image_size
-  pad = {"image": tf.zeros([1, size, size, 3]), "label": tf.constant(0, tf.int32),
+  pad = {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32),
          "mask": tf.constant(0.0)}
   ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(steps * global_batch - source.num_examples))
   # Every pipeline reads the whole split and keeps its replicas' batches of each step.
