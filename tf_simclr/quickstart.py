@@ -68,7 +68,7 @@ def stages(recipe="fashion_mnist", seeds=3):
   add("linear_eval_pretrained", [linear_eval], [f"--checkpoint={{{pretrain}}}"], [pretrain])
   # A random trunk's BN never saw the data: let its statistics come from it (the frozen
   # blocks' BN normalises with batch statistics and updates its moving ones).
-  add("linear_eval_random", [linear_eval], ["--update_frozen_bn=true"])
+  add("linear_eval_random", [linear_eval], ["--update_frozen_bn=true", "--keep_hub_module_max=0"])
   distill = f"{prefix}_distill.cfg"
   for seed in range(seeds):
     s = [f"--seed={seed}"]
