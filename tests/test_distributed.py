@@ -92,11 +92,11 @@ def global_relative_difference(prefix_a, prefix_b):
   return float(np.sqrt(diff / sum(np.sum(np.square(np.float64(a[k]))) for k in a)))
 
 
-def assert_same_step(dir_a, dir_b, out_a, out_b, step=1):
+def assert_same_step(dir_a, dir_b, out_a, out_b, step=1, rtol=STEP_RTOL):
   rel, key = max_relative_difference(os.path.join(dir_a, f"ckpt-{step}"),
                                      os.path.join(dir_b, f"ckpt-{step}"))
   print(f"ckpt-{step}: max relative difference {rel:.2e} ({key})")
-  assert rel < STEP_RTOL, (rel, key)
+  assert rel < rtol, (rel, key)
   la, lb = losses(out_a), losses(out_b)
   assert step in la and step in lb, (out_a[-1000:], out_b[-1000:])
   # Losses are printed with 4 decimals.
@@ -112,7 +112,8 @@ def runs(tmp_path_factory):
   """Every run of this module, started as early as its inputs allow (the runs spend much
   of their time in single-threaded tracing, so several at once use the 2 cores better)."""
   d = {k: str(tmp_path_factory.mktemp(k)) for k in
-       ("pretrain1", "pretrain4", "pretrain1_kernels", "mw", "ft1", "ft4", "d1", "d4")}
+       ("pretrain1", "pretrain4", "pretrain1_kernels", "mw", "ft1", "ft4", "d1", "d4",
+        "d1_kernels")}
   log = os.path.join(d["mw"] + "_workers.log")
   results = {}
 
@@ -140,7 +141,9 @@ def runs(tmp_path_factory):
            "ft1": start(*ft, f"--model_dir={d['ft1']}"),
            "ft4": start(*ft, "--num_cpu_replicas=4", f"--model_dir={d['ft4']}"),
            "d1": start(*distill, f"--model_dir={d['d1']}"),
-           "d4": start(*distill, "--num_cpu_replicas=4", f"--model_dir={d['d4']}")}
+           "d4": start(*distill, "--num_cpu_replicas=4", f"--model_dir={d['d4']}"),
+           "d1_kernels": start(*distill, f"--model_dir={d['d1_kernels']}",
+                               env=dict(ENV, TF_ENABLE_ONEDNN_OPTS="0"))}
   out["pretrain4"] = finish(p4)
   thread.join()
   with open(log) as f:
@@ -201,7 +204,15 @@ def test_finetune_step_1_vs_4_replicas(runs):
 def test_distill_step_1_vs_4_replicas(runs):
   d, out, _ = runs
   assert "Teacher: ResNet-10" in out["d4"] and replicas_of(out["d4"]) == 4
-  assert_same_step(d["d1"], d["d4"], out["d1"], out["d4"])
+  # One LARS update here is ill-conditioned (a near-zero gradient times the trust ratio): one
+  # device differs from itself by as much when only its conv kernels change (oneDNN off;
+  # measured 2026-12-02 with bicubic crops: 7.8e-2 in one variable, both ways, 6.7e-5 with
+  # bilinear ones). The bound is the larger of STEP_RTOL and twice that envelope.
+  envelope, key = max_relative_difference(os.path.join(d["d1"], "ckpt-1"),
+                                          os.path.join(d["d1_kernels"], "ckpt-1"))
+  print(f"1 device, oneDNN on vs off: {envelope:.2e} ({key})")
+  assert envelope < 0.5
+  assert_same_step(d["d1"], d["d4"], out["d1"], out["d4"], rtol=max(STEP_RTOL, 2 * envelope))
 
 
 def test_two_loopback_workers_match_one_process(runs):
