@@ -297,6 +297,8 @@ def plot(results, path):
 
 def main(argv):
   del argv
+  if FLAGS.seeds < 1 or FLAGS.jobs < 1:
+    raise app.UsageError(f"--seeds and --jobs must be >= 1, got {FLAGS.seeds}, {FLAGS.jobs}")
   start = time.time()
   out = os.path.abspath(FLAGS.out)
   os.makedirs(out, exist_ok=True)
