@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Sets everything up, then runs the test suite (10-12 minutes on 2 CPU cores); the slowest
-# tests are listed at the end, to keep the suite within its ~15-minute budget.
+# Sets everything up, then runs the test suite; the slowest tests are listed at the end, to
+# keep the suite within its ~15-minute budget on an idle 2-core machine.
 # Two workers (most tests use one core at a time), each taking whole files, so a module's
 # fixtures (tests/test_distributed.py's runs) are built once.
 set -euo pipefail
