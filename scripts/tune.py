@@ -50,8 +50,7 @@ def main(argv):
              f"--model_dir={os.path.join(out, name)}", *(f"--{k}={v}" for k, v in combo),
              *extra, f"--seed={seed}", f"--eval_split={FLAGS.validation_split}",
              "--keep_hub_module_max=0"]
-      stage = quickstart.Stage(key=name, name=name, flagfiles=())
-      result = quickstart.run_stage(stage, cmd, os.path.join(out, name), live=False)
+      result = quickstart.run_stage(name, cmd, os.path.join(out, name), live=False)
       scores.append(result["eval/label_top_1_accuracy"])
     rows.append({"flags": dict(combo), "validation_top_1": sum(scores) / len(scores),
                  "per_seed": scores})

@@ -118,7 +118,7 @@ def say(message, stream=sys.stdout):
     print(message, file=stream, flush=True)
 
 
-def run_stage(stage, cmd, model_dir, live):
+def run_stage(name, cmd, model_dir, live):
   """Runs one stage (skipped when it already finished with the same command); returns its
   result.json. Its output goes to <model_dir>/log.txt, and to the terminal when `live`."""
   done_marker = os.path.join(model_dir, "quickstart_done.json")
@@ -126,9 +126,9 @@ def run_stage(stage, cmd, model_dir, live):
     with open(done_marker) as f:
       done = json.load(f)
     if done["command"] == cmd[1:]:
-      say(f"=== {stage.name}: done earlier, top-1 {done['top_1']:.4f}")
+      say(f"=== {name}: done earlier, top-1 {done['top_1']:.4f}")
       return done["result"]
-  say(f"\n=== {stage.name}: {' '.join(cmd[1:])}" + ("" if live else
+  say(f"\n=== {name}: {' '.join(cmd[1:])}" + ("" if live else
                                                      f"\n    (log: {model_dir}/log.txt)"))
   os.makedirs(model_dir, exist_ok=True)
   start = time.time()
@@ -145,7 +145,7 @@ def run_stage(stage, cmd, model_dir, live):
       if line.strip() and "\r" not in line:
         last = line.strip()
   if proc.wait():
-    raise StageFailed(f"stage {stage.name} failed (exit {proc.returncode}): "
+    raise StageFailed(f"stage {name} failed (exit {proc.returncode}): "
                       f"{last or 'no message'}\nIts log is {model_dir}/log.txt. Once the cause "
                       "is fixed, run the same command again: finished stages are skipped and "
                       "this one resumes from its last checkpoint.")
@@ -154,7 +154,7 @@ def run_stage(stage, cmd, model_dir, live):
   top_1 = result["eval/label_top_1_accuracy"]
   with open(done_marker, "w") as f:
     json.dump({"command": cmd[1:], "top_1": top_1, "result": result}, f, indent=2)
-  say(f"=== {stage.name}: top-1 {top_1:.4f} ({time.time() - start:.0f} s)")
+  say(f"=== {name}: top-1 {top_1:.4f} ({time.time() - start:.0f} s)")
   return result
 
 
@@ -179,7 +179,8 @@ def run_all(plan, out, jobs, eval_on, extra_flags):
         pending.remove(stage)
         cmd = command(stage, out, eval_on, extra_flags)
         live = jobs <= 1 or _is_pretraining(stage)
-        running[pool.submit(run_stage, stage, cmd, os.path.join(out, stage.name), live)] = stage
+        running[pool.submit(run_stage, stage.name, cmd, os.path.join(out, stage.name),
+                             live)] = stage
       if not running:
         raise RuntimeError(f"stages {[s.name for s in pending]} wait on stages not in the plan")
       finished, _ = concurrent.futures.wait(running, return_when="FIRST_COMPLETED")
