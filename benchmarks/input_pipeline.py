@@ -5,9 +5,12 @@
 
 With --json the last line printed is one JSON object; `images_per_sec` is the steady-state
 rate (after --warmup_batches). An image is one training example: two views in pretraining.
+The views and augmentations are --train_mode's (its objective's); every DataConfig field the
+declared augmentations read is a flag (augment.CONFIG_FIELDS, e.g. --crop_min_area).
 """
 
 import contextlib
+import dataclasses
 import os
 import sys
 
@@ -19,10 +22,18 @@ import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from timing import define_pipeline_flags, time_pipeline  # pylint: disable=g-import-not-at-top
+from tf_simclr import objectives  # pylint: disable=g-import-not-at-top
 from tf_simclr.config import DataConfig  # pylint: disable=g-import-not-at-top
 from tf_simclr.data import augment, pipeline  # pylint: disable=g-import-not-at-top
 
 define_pipeline_flags(flags)
+_DEFINE = {bool: flags.DEFINE_bool, int: flags.DEFINE_integer, float: flags.DEFINE_float,
+           str: flags.DEFINE_string}
+for _field in dataclasses.fields(DataConfig):
+  # Those the shared pipeline flags (timing.py) lack, with DataConfig's defaults.
+  if _field.name in augment.CONFIG_FIELDS and _field.name not in flags.FLAGS:
+    _DEFINE[type(_field.default)](_field.name, _field.default,
+                                  f"DataConfig.{_field.name} (augmentations).")
 flags.DEFINE_string("data_dir", None, "TFDS data directory.")
 flags.DEFINE_string("train_split", "train", "Training split.")
 flags.DEFINE_bool("mock_data", False, "TFDS mock data of the dataset's shape (no files needed).")
@@ -33,17 +44,17 @@ FLAGS = flags.FLAGS
 
 def main(_):
   cfg = DataConfig(dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, train_split=FLAGS.train_split,
-                   image_size=FLAGS.image_size, use_blur=FLAGS.use_blur,
-                   color_jitter_strength=FLAGS.color_jitter_strength,
-                   resize_method=FLAGS.resize_method)
+                   image_size=FLAGS.image_size, resize_method=FLAGS.resize_method,
+                   **{name: FLAGS[name].value for name in augment.CONFIG_FIELDS})
+  objective = objectives.get(FLAGS.train_mode)
   mock = (tfds.testing.mock_data(num_examples=FLAGS.mock_examples,
                                  policy=tfds.testing.MockPolicy.USE_CODE)
           if FLAGS.mock_data else contextlib.nullcontext())
   # In-memory sources are fully loaded here, so the mock is only needed while building.
   with mock:
     ds = pipeline.build_train_dataset(tf.distribute.get_strategy(), cfg,
-                                      global_batch_size=FLAGS.batch_size,
-                                      train_mode=FLAGS.train_mode)
+                                      global_batch_size=FLAGS.batch_size, views=objective.views,
+                                      contrastive=objective.contrastive_augmentation)
   time_pipeline((batch["image"] for batch in ds), FLAGS, "tf_simclr", FLAGS.mock_data,
                 FLAGS.resize_method)
 

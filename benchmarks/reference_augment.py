@@ -128,7 +128,7 @@ def check_crops(tf, ref, augment, height, width, size):
     h, w, y0, x0 = next(iter(ds)).numpy().T
   theirs = crop_features(h, w, y0, x0, height, width)
 
-  u = tf.random.stateless_uniform([n, 2 * augment.CROP_ATTEMPTS + 2], seed=[7, 7])
+  u = tf.random.stateless_uniform([n, augment.CROP.draws], seed=[7, 7])
   boxes = augment.crop_boxes(u, tf.fill([n], float(height)), tf.fill([n], float(width))).numpy()
   y1, x1, y2, x2 = (boxes * [height - 1, width - 1, height - 1, width - 1]).T
   oh, ow = np.round(y2 - y1) + 1, np.round(x2 - x1) + 1
@@ -144,6 +144,8 @@ def colour_features(x):
 
 
 def check_colour(tf, ref, augment, image):
+  from tf_simclr.config import DataConfig  # pylint: disable=import-outside-toplevel
+  cfg = DataConfig(color_jitter_strength=1.0, use_blur=False)
   n = FLAGS.colour_samples
   tf.random.set_seed(2)
   ds = tf.data.Dataset.range(n).map(
@@ -153,11 +155,9 @@ def check_colour(tf, ref, augment, image):
   u = tf.random.stateless_uniform([n, augment.DRAWS_PER_VIEW], seed=[8, 8])
   images = tf.repeat(image[None], n, 0)
   ours = {
-      "batched": augment.photometric(images, u, color_jitter_strength=1.0,
-                                     use_blur=False).numpy(),
+      "batched": augment.photometric(images, u, cfg, contrastive=True).numpy(),
       "per_image": tf.data.Dataset.from_tensor_slices((images, u)).map(
-          lambda x, r: augment.photometric_per_image(x[None], r[None], color_jitter_strength=1.0,
-                                                     use_blur=False)[0],
+          lambda x, r: augment.photometric_per_image(x[None], r[None], cfg, contrastive=True)[0],
           num_parallel_calls=2).batch(n).get_single_element().numpy(),
   }
   gray = lambda x: float(np.mean((x.max(-1) - x.min(-1)).max((1, 2)) < 1e-6))

@@ -48,10 +48,16 @@ def uniforms(n):
   return tf.random.stateless_uniform([n, augment.DRAWS_PER_VIEW], seed=[FLAGS.seed, 0])
 
 
-def dataset_views(images, size):
+def train_boxes(n, h, w, cfg):
+  """n training crop + flip boxes of an h x w image."""
+  return augment.view_boxes(uniforms(n), tf.fill([n], float(h)), tf.fill([n], float(w)), cfg,
+                            contrastive=False)
+
+
+def dataset_views(images, size, cfg):
   """{method: (eval views, training crops)} of in-memory pixels [N, H, W, C]."""
   n, h, w = images.shape[:3]
-  boxes = augment.geometric_boxes(uniforms(n), tf.fill([n], float(h)), tf.fill([n], float(w)))
+  boxes = train_boxes(n, h, w, cfg)
   out = {}
   for method in METHODS:
     ds = tf.data.Dataset.from_tensor_slices(images).map(
@@ -77,7 +83,7 @@ def main(_):
   if source.kind != "pixels":
     raise app.UsageError("the eval split must be held as a pixel array (a TFDS dataset of "
                          "fixed-size images under 2 GiB)")
-  views = dataset_views(source.images, FLAGS.image_size)
+  views = dataset_views(source.images, FLAGS.image_size, cfg)
   result["dataset"] = {"eval_views": difference(views["bicubic"][0], views["bilinear"][0]),
                        "train_crops": difference(views["bicubic"][1], views["bilinear"][1])}
   if FLAGS.saved_model:
@@ -89,9 +95,7 @@ def main(_):
           **{f"accuracy_{m}": float(np.mean(pred[m] == source.labels)) for m in METHODS})
   if FLAGS.image:
     photo = datasets.decode_image(tf.io.read_file(FLAGS.image))
-    h, w = (float(d) for d in photo.shape[:2])
-    boxes = augment.geometric_boxes(uniforms(FLAGS.num_crops), tf.fill([FLAGS.num_crops], h),
-                                    tf.fill([FLAGS.num_crops], w))
+    boxes = train_boxes(FLAGS.num_crops, *photo.shape[:2], cfg)
     size = FLAGS.photo_size
     crops = {m: np.concatenate([augment.crop_and_resize_views(photo, boxes[i:i + 8], size, m)
                                 for i in range(0, FLAGS.num_crops, 8)]) for m in METHODS}

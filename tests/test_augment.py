@@ -1,13 +1,15 @@
-"""Augmentations: crop sampler against TF's, resampling against independent computations,
-statistics of the colour distortion."""
+"""Augmentations: the declarations and their two forms, crop sampler against TF's, resampling
+against independent computations, statistics of the colour distortion."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_simclr.config import DataConfig
 from tf_simclr.data import augment
 
 K = augment.DRAWS_PER_VIEW
+CFG = DataConfig(color_jitter_strength=1.0, use_blur=True)
 
 
 def uniforms(n, seed=0):
@@ -56,6 +58,63 @@ def ks_statistic(a, b):
   x = np.concatenate([a, b])
   cdf = lambda sample: np.searchsorted(sample, x, "right") / len(sample)
   return np.abs(cdf(a) - cdf(b)).max()
+
+
+def test_columns_are_laid_out_from_the_declarations():
+  # Consecutive columns in declaration order (today's: crop 0-21, flip 22, jitter 23-31,
+  # grayscale 32, blur 33-34), padded to Philox's 4 numbers.
+  assert [a.name for a in augment.AUGMENTATIONS] == ["crop", "flip", "color_jitter", "grayscale",
+                                                      "blur"]
+  start = 0
+  for a in augment.AUGMENTATIONS:
+    assert augment.COLUMNS[a.name] == slice(start, start + a.draws)
+    start += a.draws
+  assert augment.DRAWS_PER_VIEW == 36 and start <= 36
+  assert set(augment.CONFIG_FIELDS) <= set(DataConfig.__dataclass_fields__)
+
+
+def test_which_augmentations_run():
+  names = lambda cfg, contrastive, geometric: [
+      a.name for a in augment.active(cfg, contrastive, geometric=geometric)]
+  for contrastive in (False, True):
+    assert names(CFG, contrastive, True) == ["crop", "flip"]
+  assert names(CFG, False, False) == []
+  assert names(CFG, True, False) == ["color_jitter", "grayscale", "blur"]
+  assert names(DataConfig(use_blur=False), True, False) == ["color_jitter", "grayscale"]
+  x = colourful(4)
+  assert augment.photometric(x, uniforms(4), CFG, contrastive=False) is x
+
+
+@pytest.mark.parametrize("op", augment.AUGMENTATIONS, ids=lambda a: a.name)
+def test_per_image_form_matches_batched_form(op):
+  """Every declared augmentation alone, per image and batched, on the same draws.
+
+  Geometric ones have one form (boxes); their views are resampled per image (a slice and a
+  resize) and per batch (`crop_and_resize`). Photometric ones: `per_image` on each view
+  against `batched` on all of them, clipped as `photometric` clips (HSV conversions differ
+  in rounding: 2e-3)."""
+  n = 48
+  u = uniforms(n, 23)[:, augment.COLUMNS[op.name]]
+  assert u.shape == (n, op.draws)
+  if op.geometric:
+    h, w, size = 40, 30, 24
+    image = tf.cast(tf.random.stateless_uniform([h, w, 3], [9, 9]) * 255.0, tf.uint8)
+    boxes = op.boxes(tf.tile(whole_box(h, w), [n, 1]), u, tf.fill([n], float(h)),
+                     tf.fill([n], float(w)), CFG)
+    per_image = augment.crop_and_resize_views(image, boxes, size)
+    batched = augment.crop_and_resize(image[None], boxes, size, tf.zeros([n], tf.int32))
+    whole = augment.crop_and_resize_views(image, whole_box(h, w), size)
+    atol = 1e-5
+  else:
+    views = colourful(n, 24, seed=6)
+    per_image = tf.stack([op.per_image(views[i], u[i], CFG) for i in range(n)])
+    batched = tf.clip_by_value(op.batched(views, u, CFG), 0.0, 1.0)
+    whole = views
+    atol = 2e-3
+  np.testing.assert_allclose(per_image, batched, atol=atol)
+  # Not vacuous: some views changed, each by its own draws.
+  changed = np.abs(np.asarray(per_image) - np.asarray(whole)).max(axis=(1, 2, 3)) > 1e-3
+  assert 0 < changed.sum()
 
 
 # A 60x30 image holds at most a 30x40 crop of aspect >= 3/4: 67% of its area.
@@ -115,9 +174,26 @@ def test_crop_distribution_matches_sample_distorted_bounding_box(h, w):
     assert ks_statistic(f(ours), f(theirs)) < 2.25 * np.sqrt(2 / n), name
 
 
+def test_crop_min_area():
+  n, h, w = 5000, 32, 32
+  u = uniforms(n, 4)[:, augment.COLUMNS["crop"]]
+  height, width = tf.fill([n], float(h)), tf.fill([n], float(w))
+  # The DataConfig default is the reference's range.
+  np.testing.assert_array_equal(augment.crop_boxes(u, height, width),
+                                augment.crop_boxes(u, height, width, (0.08, 1.0)))
+  cfg = DataConfig(crop_min_area=0.5)
+  boxes = augment.view_boxes(uniforms(n, 4), height, width, cfg, contrastive=False)
+  crop_h, crop_w = crop_geometry(boxes, h, w)
+  area = crop_h * crop_w / (h * w)
+  # Attempts outside the range are rejected (the whole image is the fallback); the range's
+  # low end is used.
+  assert area.min() >= 0.5 - 1e-6 and (area < 0.6).mean() > 0.02
+
+
 def test_flip_rate_is_half():
   n = 20000
-  boxes = augment.geometric_boxes(uniforms(n, 3), tf.fill([n], 32.0), tf.fill([n], 32.0)).numpy()
+  boxes = augment.view_boxes(uniforms(n, 3), tf.fill([n], 32.0), tf.fill([n], 32.0), CFG,
+                             contrastive=False).numpy()
   assert abs((boxes[:, 1] > boxes[:, 3]).mean() - 0.5) < 0.02
 
 
@@ -130,7 +206,8 @@ def image_and_boxes(dtype, h, w, n=64):
   """A random [h, w, 3] image, n random crop + flip boxes and the whole image's box."""
   image = tf.random.stateless_uniform([h, w, 3], [3, 3])
   image = tf.cast(image * 255.0, dtype) if dtype == tf.uint8 else image
-  boxes = augment.geometric_boxes(uniforms(n, 17), tf.fill([n], float(h)), tf.fill([n], float(w)))
+  boxes = augment.view_boxes(uniforms(n, 17), tf.fill([n], float(h)), tf.fill([n], float(w)), CFG,
+                             contrastive=False)
   return image, tf.concat([boxes, whole_box(h, w)], 0)
 
 
@@ -234,8 +311,7 @@ def test_small_eval_images_are_not_cropped():
 
 def test_grayscale_rate_and_value_range():
   n = 4000
-  x = augment.photometric(colourful(n, 8), uniforms(n, 5), color_jitter_strength=1.0,
-                          use_blur=True).numpy()
+  x = augment.photometric(colourful(n, 8), uniforms(n, 5), CFG, contrastive=True).numpy()
   assert x.min() >= 0.0 and x.max() <= 1.0
   gray = np.all(np.isclose(x[..., 0], x[..., 1], atol=1e-5) & np.isclose(x[..., 1], x[..., 2], atol=1e-5),
                 axis=(1, 2))
@@ -245,15 +321,16 @@ def test_grayscale_rate_and_value_range():
 def test_jitter_zero_strength_is_identity():
   x = colourful(64)
   u = uniforms(64, 7)
-  u = tf.concat([u[:, :augment._GRAY], tf.ones_like(u[:, augment._GRAY:])], axis=1)  # no gray, no blur
-  out = augment.photometric(x, u, color_jitter_strength=0.0, use_blur=True)
+  gray = augment.COLUMNS["grayscale"].start  # the columns from grayscale's on: no gray, no blur
+  u = tf.concat([u[:, :gray], tf.ones_like(u[:, gray:])], axis=1)
+  out = augment.photometric(x, u, DataConfig(color_jitter_strength=0.0), contrastive=True)
   np.testing.assert_allclose(out, x, atol=2e-5)
 
 
 def test_jitter_applied_with_probability_08():
   n = 2000
   x = colourful(n, 8)
-  out = augment.color_jitter(x, uniforms(n, 9), 1.0)
+  out = augment.color_jitter(x, uniforms(n, 9)[:, augment.COLUMNS["color_jitter"]], CFG)
   changed = np.abs((out - x).numpy()).max(axis=(1, 2, 3)) > 1e-4
   assert abs(changed.mean() - augment.JITTER_PROB) < 0.03
 
@@ -263,9 +340,10 @@ def test_batched_photometric_matches_per_image():
   # which the per-image version (large images) runs, with the same draws.
   x = colourful(48, 24, seed=4)
   u = uniforms(48, 11)
-  batched = augment.photometric(x, u, color_jitter_strength=1.0, use_blur=True)
-  per_image = tf.concat([augment.photometric_per_image(x[i:i + 2], u[i:i + 2], color_jitter_strength=1.0,
-                                                       use_blur=True) for i in range(0, 48, 2)], 0)
+  batched = augment.photometric(x, u, CFG, contrastive=True)
+  per_image = tf.concat([augment.photometric_per_image(x[i:i + 2], u[i:i + 2], CFG,
+                                                       contrastive=True)
+                         for i in range(0, 48, 2)], 0)
   np.testing.assert_allclose(batched, per_image, atol=2e-3)
 
 
@@ -283,6 +361,6 @@ def test_blur_preserves_constants_and_smooths():
 def test_blur_rate_is_half():
   n = 400
   x = tf.cast(tf.random.stateless_uniform([n, 20, 20, 3], [2, 2]) > 0.5, tf.float32)
-  out = augment.random_blur(x, uniforms(n, 13)).numpy()
+  out = augment.random_blur(x, uniforms(n, 13)[:, augment.COLUMNS["blur"]], CFG).numpy()
   blurred = np.abs(out - x.numpy()).max(axis=(1, 2, 3)) > 1e-3
   assert abs(blurred.mean() - augment.BLUR_PROB) < 0.08

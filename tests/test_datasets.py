@@ -66,11 +66,28 @@ def test_subsets_partition_the_split():
     (dict(dataset="no_such_dataset_xyz"), "unknown dataset 'no_such_dataset_xyz'"),
     (dict(dataset="imagenet2012_subset/3pct"), "unknown dataset"),
     (dict(dataset="folder:/nonexistent/dir"), "does not exist"),
+    (dict(crop_min_area=0.0), "crop_min_area must be in (0, 1], got 0.0"),
+    (dict(crop_min_area=1.5), "crop_min_area must be in (0, 1], got 1.5"),
 ])
 def test_bad_input_errors(kwargs, message):
   with pytest.raises(ValueError) as e:
     datasets.dataset_info(DataConfig(**kwargs))
   assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_sources_are_chosen_by_prefix(tmp_path, monkeypatch):
+  root = make_folder(str(tmp_path / "imgs"), per_class=2, corrupt=False)
+  assert isinstance(datasets.source(DataConfig(dataset=f"folder:{root}")), datasets.ImageFolder)
+  assert datasets.SOURCES[""] is datasets.Tfds  # every other name
+  # The longest registered prefix wins; the rest of the name goes to the source.
+  seen = []
+  monkeypatch.setitem(datasets.SOURCES, "folder:special:",
+                      lambda name, cfg: seen.append(name) or "special")
+  assert datasets.source(DataConfig(dataset="folder:special:x/y")) == "special"
+  assert seen == ["x/y"]
+  with pytest.raises(ValueError, match=r"not a TFDS builder nor 'folder:\.\.\.', "
+                                       r"'folder:special:\.\.\.'"):
+    datasets.source(DataConfig(dataset="no_such_dataset_xyz"))
 
 
 def test_empty_folders(tmp_path):
@@ -172,7 +189,7 @@ def test_tfds_mock_data():
     assert info.num_classes == 10 and info.num_train_examples == 40
     assert info.num_labelled_examples == len(datasets.labelled_indices(train.labels, 0.5, 0))
     encoded = datasets.load_train(DataConfig(dataset="imagenet2012"), "all")
-    assert encoded.kind == "encoded" and len(encoded) == 40
+    assert encoded.kind == "encoded" and encoded.num_examples == 40
 
 
 # ------------------------------------------------------------------------------ folders
@@ -206,4 +223,4 @@ def test_labels_per_class_and_its_conflict_with_a_fraction():
   np.testing.assert_array_equal(chosen, datasets.labelled_indices(labels, 1.0, 2, per_class=10))
   assert not np.array_equal(chosen, datasets.labelled_indices(labels, 1.0, 3, per_class=10))
   with pytest.raises(ValueError, match="set one of them"):
-    datasets.validate(DataConfig(train_labels_per_class=13, train_label_fraction=0.1))
+    DataConfig(train_labels_per_class=13, train_label_fraction=0.1).validate()

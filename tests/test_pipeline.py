@@ -17,6 +17,9 @@ from tf_simclr.data import augment, datasets, pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = tf.distribute.get_strategy()
+# What pretraining and fine-tuning ask the pipeline for.
+PRETRAIN = dict(views=2, contrastive=True)
+FINETUNE = dict(views=1, contrastive=False)
 
 
 def make_folder(root, num_classes=3, per_class=8):
@@ -49,20 +52,21 @@ def batches(ds, n, strategy=DEFAULT):
   return out
 
 
-@pytest.mark.parametrize("mode,channels", [("pretrain", 6), ("finetune", 3), ("distill", 3)])
-def test_train_shapes_and_values(folder, mode, channels):
+@pytest.mark.parametrize("views,contrastive", [(2, True), (1, False), (3, False)])
+def test_train_shapes_and_values(folder, views, contrastive):
   cfg = DataConfig(dataset=f"folder:{folder}", image_size=16)
-  (x,) = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, train_mode=mode), 1)
-  assert x["image"].shape == (8, 16, 16, channels) and x["image"].dtype == np.float32
+  (x,) = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, views=views,
+                                              contrastive=contrastive), 1)
+  assert x["image"].shape == (8, 16, 16, 3 * views) and x["image"].dtype == np.float32
   assert x["label"].dtype == np.int32 and set(x["label"]) <= {0, 1, 2}
   assert x["image"].min() >= 0 and x["image"].max() <= 1
-  if mode == "pretrain":
-    assert np.abs(x["image"][..., :3] - x["image"][..., 3:]).max(axis=(1, 2, 3)).min() > 1e-3
+  if views > 1:
+    assert np.abs(x["image"][..., :3] - x["image"][..., 3:6]).max(axis=(1, 2, 3)).min() > 1e-3
 
 
 def test_epochs_are_fresh_permutations():
   ds = pipeline.train_dataset(indexed(24), DataConfig(image_size=8), global_batch_size=8,
-                              per_replica_batch=8, train_mode="finetune")
+                              per_replica_batch=8, **FINETUNE)
   labels = np.concatenate([b["label"] for b in batches(ds, 6)])
   first, second = labels[:24], labels[24:]
   np.testing.assert_array_equal(np.sort(first), np.arange(24))
@@ -72,16 +76,15 @@ def test_epochs_are_fresh_permutations():
 
 def test_resume_at_step_equals_kth_batch(folder):
   cfg = DataConfig(dataset=f"folder:{folder}", image_size=16, use_blur=True)
-  ref = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8,
-                                             train_mode="pretrain"), 5)
-  resumed = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8,
-                                                 train_mode="pretrain", start_step=3), 2)
+  ref = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, **PRETRAIN), 5)
+  resumed = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, start_step=3,
+                                                 **PRETRAIN), 2)
   for a, b in zip(ref[3:], resumed):
     np.testing.assert_array_equal(a["label"], b["label"])
     np.testing.assert_array_equal(a["image"], b["image"])
   other_seed = batches(pipeline.build_train_dataset(
       DEFAULT, DataConfig(dataset=f"folder:{folder}", image_size=16, seed=1),
-      global_batch_size=8, train_mode="pretrain"), 1)
+      global_batch_size=8, **PRETRAIN), 1)
   assert not np.array_equal(other_seed[0]["image"], ref[0]["image"])
 
 
@@ -89,10 +92,10 @@ def test_input_pipelines_split_each_global_batch():
   cfg = DataConfig(image_size=8)
   source = indexed(40)
   single = batches(pipeline.train_dataset(source, cfg, global_batch_size=8, per_replica_batch=8,
-                                          train_mode="pretrain", start_step=2), 3)
+                                          start_step=2, **PRETRAIN), 3)
   shares = [batches(pipeline.train_dataset(source, cfg, global_batch_size=8, per_replica_batch=2,
-                                           train_mode="pretrain", start_step=2,
-                                           num_pipelines=2, pipeline_id=i), 6)
+                                           start_step=2, num_pipelines=2, pipeline_id=i,
+                                           **PRETRAIN), 6)
             for i in range(2)]
   for step in range(3):
     # Pipeline i feeds 2 replicas per step; its share is positions 4i .. 4i+3 of the step.
@@ -150,7 +153,7 @@ def test_mock_cifar10_pretrain():
   with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
     ds = pipeline.build_train_dataset(DEFAULT, DataConfig(dataset="cifar10", image_size=32,
                                                           use_blur=False),
-                                      global_batch_size=16, train_mode="pretrain")
+                                      global_batch_size=16, **PRETRAIN)
   (x,) = batches(ds, 1)
   assert x["image"].shape == (16, 32, 32, 6)
 
@@ -160,7 +163,7 @@ def test_pretraining_views_are_colour_distorted(size):
   # Batched below PER_IMAGE_MIN_SIZE, per image before batching from it: both distort.
   with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
     ds = pipeline.build_train_dataset(DEFAULT, DataConfig(dataset="cifar10", image_size=size),
-                                      global_batch_size=32, train_mode="pretrain")
+                                      global_batch_size=32, **PRETRAIN)
   views = np.concatenate([x["image"].reshape(32, size, size, 2, 3) for x in batches(ds, 4)])
   views = np.moveaxis(views, 3, 1).reshape(-1, size, size, 3)  # 256 views
   gray = np.all(np.abs(views - views[..., :1]).max(axis=(1, 2)) < 1e-5, axis=-1)
@@ -172,25 +175,97 @@ def test_errors(folder):
   cfg = DataConfig(dataset=f"folder:{folder}", image_size=16)
   three = types.SimpleNamespace(num_replicas_in_sync=3)
   with pytest.raises(ValueError, match="not a positive multiple of the 3 replicas"):
-    pipeline.build_train_dataset(three, cfg, global_batch_size=8, train_mode="pretrain")
+    pipeline.build_train_dataset(three, cfg, global_batch_size=8, **PRETRAIN)
   with pytest.raises(ValueError, match="has 21 examples, fewer than one global batch of 32"):
-    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=32, train_mode="pretrain")
-  with pytest.raises(ValueError, match="train_mode='linear' is not one of"):
-    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, train_mode="linear")
+    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=32, **PRETRAIN)
+  with pytest.raises(ValueError, match="views must be >= 1, got 0"):
+    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, views=0, contrastive=False)
   with pytest.raises(ValueError, match="subset 'unlabelled' .* has 0 examples"):
-    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, train_mode="distill",
-                                 subset="unlabelled")
+    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, subset="unlabelled",
+                                 **FINETUNE)
   with pytest.raises(ValueError, match="subset='none' is not one of"):
-    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, train_mode="distill",
-                                 subset="none")
+    pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, subset="none", **FINETUNE)
   bad = DataConfig(dataset=f"folder:{folder}", image_size=16, resize_method="lanczos")
   message = r"^resize_method='lanczos' is not one of \('bicubic', 'bilinear'\)$"
   with pytest.raises(ValueError, match=message):
-    datasets.validate(bad)
+    bad.validate()
   with pytest.raises(ValueError, match=message):
-    pipeline.build_train_dataset(DEFAULT, bad, global_batch_size=8, train_mode="pretrain")
+    pipeline.build_train_dataset(DEFAULT, bad, global_batch_size=8, **PRETRAIN)
   with pytest.raises(ValueError, match=message):
     pipeline.build_eval_dataset(DEFAULT, bad, global_batch_size=8)
+
+
+def generated(n):
+  rng = np.random.default_rng(n)
+  return rng.integers(0, 256, (n, 10, 12, 3), dtype=np.uint8), np.arange(n, dtype=np.int32) % 3
+
+
+class Generated:
+  """A test-only source held in memory: `generated:N` is N random 10x12 images, label i % 3,
+  the same N as its train and eval splits."""
+
+  def __init__(self, name, cfg):
+    self.num_classes = 3
+    self._examples = datasets.Examples(*generated(int(name)), "pixels")
+
+  def num_examples(self, split):
+    return self._examples.num_examples
+
+  def labels(self, split):
+    return self._examples.labels
+
+  def load(self, split):
+    return self._examples
+
+
+class PngStream:
+  """A test-only stream of PNG-encoded images, as TFRecord files of encoded images would be."""
+  in_memory = False
+
+  def __init__(self, images, labels):
+    self.pngs = [tf.io.encode_png(image).numpy() for image in images]
+    self.labels = labels
+    self.num_examples = len(labels)
+
+  def read(self, *, share=(0, 1), seed=None):
+    ds = tf.data.Dataset.from_tensor_slices({"image": self.pngs, "label": self.labels})
+    ds = ds.shard(share[1], share[0])
+    return ds if seed is None else ds.shuffle(self.num_examples, seed=seed)
+
+  def decode(self, data):
+    return tf.io.decode_png(data, channels=3)
+
+
+class Pngs(Generated):
+  """`pngs:N`: Generated's images, streamed."""
+
+  def labels(self, split):
+    raise datasets.needs_memory(f"pngs:{split}", "a label subset")
+
+  def load(self, split):
+    return PngStream(self._examples.images, self._examples.labels)
+
+
+@pytest.mark.parametrize("prefix,cls", [("generated:", Generated), ("pngs:", Pngs)])
+def test_a_registered_source_feeds_the_pipelines(monkeypatch, prefix, cls):
+  # A new kind of source is a class registered by prefix; the pipelines are unchanged.
+  monkeypatch.setitem(datasets.SOURCES, prefix, cls)
+  cfg = DataConfig(dataset=f"{prefix}24", image_size=8)
+  assert datasets.dataset_info(cfg) == datasets.DatasetInfo(3, 24, 24, 24)
+  train = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, **PRETRAIN), 6)
+  for x in train:
+    assert x["image"].shape == (8, 8, 8, 6) and 0 <= x["image"].min() and x["image"].max() <= 1
+  # An epoch of labels (the streamed order may cross the epoch's end by an element or two).
+  counts = np.bincount(np.concatenate([x["label"] for x in train[:3]]), minlength=3)
+  assert np.abs(counts - 8).sum() <= (0 if prefix == "generated:" else 4)
+  evaluation = batches(pipeline.build_eval_dataset(DEFAULT, cfg, global_batch_size=8), 10)
+  images, labels = generated(24)
+  np.testing.assert_array_equal(np.concatenate([x["label"] for x in evaluation]), labels)
+  np.testing.assert_array_equal(np.concatenate([x["image"] for x in evaluation]),
+                                [augment.preprocess_for_eval(image, 8) for image in images])
+  if prefix == "pngs:":
+    with pytest.raises(ValueError, match="a label subset needs pngs:train in memory"):
+      datasets.dataset_info(DataConfig(dataset="pngs:24", train_label_fraction=0.5))
 
 
 _TWO_REPLICAS = textwrap.dedent("""
@@ -224,8 +299,8 @@ _TWO_REPLICAS = textwrap.dedent("""
       streams = []
       for strategy in (default, mirrored):
         with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
-          ds = pipeline.build_train_dataset(strategy, cfg, global_batch_size=8,
-                                            train_mode="pretrain", start_step=1)
+          ds = pipeline.build_train_dataset(strategy, cfg, global_batch_size=8, views=2,
+                                            contrastive=True, start_step=1)
         streams.append(batches(strategy, ds, 4))
       result[name] = all(np.array_equal(a[k], b[k]) for a, b in zip(*streams) for k in a)
     ev = batches(mirrored, pipeline.build_eval_dataset(

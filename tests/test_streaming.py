@@ -32,11 +32,11 @@ def take(ds, n):
 def test_streamed_epochs_cover_each_pipelines_share(streaming, num_pipelines):
   cfg = DataConfig(dataset="fashion_mnist", train_split=TRAIN, image_size=28)
   source = datasets.load_train(cfg, "all")
-  assert isinstance(source, datasets.StreamingSplit) and source.num_examples == 512
+  assert not source.in_memory and source.num_examples == 512
   share = 512 // num_pipelines
   for i in range(num_pipelines):
-    ds = pipeline.train_dataset(source, cfg, global_batch_size=64, per_replica_batch=32,
-                                train_mode="pretrain", num_pipelines=num_pipelines, pipeline_id=i)
+    ds = pipeline.train_dataset(source, cfg, global_batch_size=64, per_replica_batch=32, views=2,
+                                contrastive=True, num_pipelines=num_pipelines, pipeline_id=i)
     xs = take(ds, 2 * share // 32)  # two epochs of this pipeline's share
     for x in xs:
       assert x["image"].shape == (32, 28, 28, 6) and x["label"].shape == (32,)
@@ -60,7 +60,7 @@ def test_streamed_eval_equals_in_memory_eval(monkeypatch):
                                          per_replica_batch=128), 10)
   monkeypatch.setattr(datasets, "IN_MEMORY_BYTES", 0)
   source = datasets.load_eval(cfg)
-  assert isinstance(source, datasets.StreamingSplit)
+  assert not source.in_memory
   streamed = take(pipeline.eval_dataset(source, cfg, global_batch_size=128,
                                         per_replica_batch=128), 10)
   assert len(streamed) == len(in_memory) == pipeline.num_eval_steps(300, 128) == 3
@@ -78,10 +78,14 @@ def test_streamed_eval_equals_in_memory_eval(monkeypatch):
 def test_label_fraction_needs_memory(streaming):
   cfg = DataConfig(dataset="fashion_mnist", train_split=TRAIN, image_size=28,
                    train_label_fraction=0.1)
-  with pytest.raises(ValueError, match="a label subset needs fashion_mnist:train"):
+  message = r"needs fashion_mnist:train\[:512\] in memory; set cache_dataset=True"
+  with pytest.raises(ValueError, match="subset='labelled' " + message):
     datasets.load_train(cfg, "labelled")
+  with pytest.raises(ValueError, match="a label subset " + message):
+    datasets.dataset_info(cfg, with_eval=False)
   # Unlabelled pretraining of the whole split streams.
-  assert isinstance(datasets.load_train(cfg, "all"), datasets.StreamingSplit)
-  (x,) = take(pipeline.train_dataset(datasets.load_train(cfg, "all"), cfg, global_batch_size=16,
-                                     per_replica_batch=16, train_mode="finetune"), 1)
+  source = datasets.load_train(cfg, "all")
+  assert not source.in_memory
+  (x,) = take(pipeline.train_dataset(source, cfg, global_batch_size=16, per_replica_batch=16,
+                                     views=1, contrastive=False), 1)
   assert x["image"].shape == (16, 28, 28, 3)

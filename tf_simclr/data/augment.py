@@ -1,12 +1,18 @@
-"""SimCLR augmentations driven by pre-drawn uniform random numbers.
+"""SimCLR augmentations, each declared once, driven by pre-drawn uniform random numbers.
 
-Every function takes its randomness as an explicit float tensor `u` of uniforms in [0, 1)
-with one row per view, instead of calling a random op. The pipeline draws those rows
+Every augmentation is an `Augmentation` that declares how many uniforms in [0, 1) it reads
+per view and provides its forms; `AUGMENTATIONS` lists them in the order they apply, which
+is also the order of their columns in a view's row of uniforms (`COLUMNS`,
+`DRAWS_PER_VIEW`, computed from the declarations). The pipeline draws those rows
 statelessly from the example's position in the stream, so an example's augmentation does
-not depend on which batch, replica or input pipeline processes it. The colour distortion
-comes in two forms with the same distribution: batched (`photometric`, one vectorised pass
-per batch, for small images) and per image (`photometric_per_image`, the reference's
-`tf.cond`s, for large ones), chosen by image size.
+not depend on which batch, replica or input pipeline processes it.
+
+Geometric augmentations (crop, flip) move or mirror each view's crop box before the
+resampling (`view_boxes`), the same on every path. Photometric ones (colour jitter,
+grayscale, blur) change the resampled views and come in two forms with the same
+distribution: batched (`photometric`: every one on every view of a batch, blended by the
+draws, in one XLA-compiled pass, for small images) and per image (`photometric_per_image`:
+tf.image's kernels behind `tf.cond`s, for large ones), chosen by image size.
 
 Semantics follow SimCLR's appendix A and the reference `data_util.py`: the crop sampler
 follows `tf.image.sample_distorted_bounding_box`'s algorithm (aspect ratio uniform, integer
@@ -19,10 +25,16 @@ in a random order with a clip after each; blur is a separable Gaussian with 'SAM
 padding.
 """
 
+import dataclasses
+import functools
+import itertools
+from typing import Callable, Optional
+
 import numpy as np
 import tensorflow as tf
 
-CROP_AREA_RANGE = (0.08, 1.0)
+from tf_simclr.config import RESIZE_METHODS, DataConfig
+
 CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 # The reference passes min_object_covered=0.1 with the whole image as the box, which
 # rejects crops below 10% of the image even though the area range starts at 8%.
@@ -33,25 +45,10 @@ CROP_ATTEMPTS = 10
 EVAL_CROP_PROPORTION = 0.875
 # Smaller eval images are not cropped, as the reference evaluates CIFAR.
 EVAL_CROP_MIN_SIZE = 33
-# The first is the reference's and the default.
-RESIZE_METHODS = ("bicubic", "bilinear")
 JITTER_PROB = 0.8
 GRAYSCALE_PROB = 0.2
 BLUR_PROB = 0.5
 BLUR_SIGMA_RANGE = (0.1, 2.0)
-
-# Columns of one view's row of uniforms.
-_CROP = slice(0, 2 * CROP_ATTEMPTS + 2)
-_FLIP = 2 * CROP_ATTEMPTS + 2
-_JITTER = _FLIP + 1
-_ORDER = slice(_JITTER + 1, _JITTER + 5)
-_FACTORS = slice(_JITTER + 5, _JITTER + 9)
-_GRAY = _JITTER + 9
-_BLUR = _JITTER + 10
-_SIGMA = _JITTER + 11
-# Padded to a multiple of 4: Philox yields 4 numbers per counter step, which lets the
-# pipeline address position p's numbers by counter offset alone.
-DRAWS_PER_VIEW = (_SIGMA + 1 + 3) // 4 * 4
 
 
 def _lerp(u, lo, hi):
@@ -64,7 +61,7 @@ def check_resize_method(method):
     raise ValueError(f"resize_method={method!r} is not one of {RESIZE_METHODS}")
 
 
-def crop_boxes(u, height, width):
+def crop_boxes(u, height, width, area_range=(DataConfig.crop_min_area, 1.0)):
   """Random crop boxes, as `tf.image.crop_and_resize` expects them.
 
   Draws what `tf.image.sample_distorted_bounding_box` draws with the reference's arguments
@@ -77,6 +74,7 @@ def crop_boxes(u, height, width):
   Args:
     u: [b, >= 2 * CROP_ATTEMPTS + 2] uniforms.
     height, width: [b] float32 sizes of the source images in pixels.
+    area_range: (min, max) crop area as a fraction of the image's.
 
   Returns:
     [b, 4] float32 boxes (y1, x1, y2, x2), normalised so that 0 and 1 are the centres of
@@ -85,8 +83,8 @@ def crop_boxes(u, height, width):
   height = tf.cast(height, tf.float32)[:, None]
   width = tf.cast(width, tf.float32)[:, None]
   aspect = _lerp(u[:, 0:2 * CROP_ATTEMPTS:2], *CROP_ASPECT_RANGE)  # width / height
-  min_area = CROP_AREA_RANGE[0] * width * height
-  max_area = CROP_AREA_RANGE[1] * width * height
+  min_area = area_range[0] * width * height
+  max_area = area_range[1] * width * height
   min_h = tf.round(tf.sqrt(min_area / aspect))
   max_h = tf.round(tf.sqrt(max_area / aspect))
   # The tallest height whose rounded width fits in the image.
@@ -274,22 +272,27 @@ def _per_example(v):
   return v[:, None, None, None]
 
 
-def color_jitter(images, u, strength):
-  """Brightness, contrast, saturation, hue in a per-example random order, applied with p=0.8.
+# Columns of the colour jitter's uniforms.
+_JITTER_APPLY, _JITTER_ORDER, _JITTER_FACTORS = 0, slice(1, 5), slice(5, 9)
+
+
+def color_jitter(images, u, cfg):
+  """Brightness, contrast, saturation, hue in a per-example random order, applied with p=0.8,
+  strength cfg.color_jitter_strength. Batched form (u [n, 9]).
 
   At each of the four steps every example runs all four operations, three of them with
-  identity parameters (factor 1, delta 0): one vectorised pass per step, which XLA fuses
-  (see `photometric`).
+  identity parameters (factor 1, delta 0): one vectorised pass per step, which XLA fuses.
   """
+  strength = float(cfg.color_jitter_strength)
   b = 0.8 * strength
-  factors = u[:, _FACTORS]
+  factors = u[:, _JITTER_FACTORS]
   brightness = _lerp(factors[:, 0], max(1.0 - b, 0.0), 1.0 + b)
   contrast = _lerp(factors[:, 1], 1.0 - b, 1.0 + b)
   saturation = _lerp(factors[:, 2], 1.0 - b, 1.0 + b)
   hue = _lerp(factors[:, 3], -0.2 * strength, 0.2 * strength)
   # argsort of 4 uniforms is a uniformly random order; 4 marks "jitter not applied".
-  order = tf.argsort(u[:, _ORDER], axis=1)
-  order = tf.where((u[:, _JITTER] < JITTER_PROB)[:, None], order, 4)
+  order = tf.argsort(u[:, _JITTER_ORDER], axis=1)
+  order = tf.where((u[:, _JITTER_APPLY] < JITTER_PROB)[:, None], order, 4)
   x = images
   for step in range(4):
     op = order[:, step]
@@ -304,16 +307,44 @@ def color_jitter(images, u, strength):
   return x
 
 
+def _color_jitter_per_image(image, u, cfg):
+  """`color_jitter` of one view (u [9]): tf.image's kernels in the drawn order, skipped by a
+  `tf.cond` when not drawn, as the reference does it."""
+  strength = float(cfg.color_jitter_strength)
+  b = 0.8 * strength
+
+  def jitter(x):
+    factors = u[_JITTER_FACTORS]
+    ops = [
+        lambda x: x * _lerp(factors[0], max(1.0 - b, 0.0), 1.0 + b),
+        lambda x: tf.image.adjust_contrast(x, _lerp(factors[1], 1.0 - b, 1.0 + b)),
+        lambda x: tf.image.adjust_saturation(x, _lerp(factors[2], 1.0 - b, 1.0 + b)),
+        lambda x: tf.image.adjust_hue(x, _lerp(factors[3], -0.2 * strength, 0.2 * strength)),
+    ]
+    order = tf.argsort(u[_JITTER_ORDER])
+    for step in range(4):
+      # Default bound per step: the lambdas must not capture the loop's changing `x`.
+      x = tf.switch_case(order[step], [lambda op=op, x=x: op(x) for op in ops])
+      x = tf.clip_by_value(x, 0.0, 1.0)
+    return x
+
+  return tf.cond(u[_JITTER_APPLY] < JITTER_PROB, lambda: jitter(image), lambda: image)
+
+
 def grayscale(images):
   """tf.image.rgb_to_grayscale's weights, 3 channels kept."""
   gray = tf.reduce_sum(images * tf.constant([0.2989, 0.5870, 0.1140]), axis=-1, keepdims=True)
   return tf.broadcast_to(gray, tf.shape(images))
 
 
-def random_grayscale(images, u):
-  """Grayscale with p=0.2."""
-  chosen = _per_example(tf.cast(u[:, _GRAY] < GRAYSCALE_PROB, images.dtype))
+def random_grayscale(images, u, cfg):  # pylint: disable=unused-argument
+  """Grayscale with p=0.2. Batched form (u [n, 1])."""
+  chosen = _per_example(tf.cast(u[:, 0] < GRAYSCALE_PROB, images.dtype))
   return images + chosen * (grayscale(images) - images)
+
+
+def _grayscale_per_image(image, u, cfg):  # pylint: disable=unused-argument
+  return tf.cond(u[0] < GRAYSCALE_PROB, lambda: grayscale(image), lambda: image)
 
 
 def gaussian_blur(images, sigma, kernel_size):
@@ -339,74 +370,139 @@ def gaussian_blur(images, sigma, kernel_size):
 
 @tf.function(jit_compile=True)
 def _blur(images, u):
-  """Blur, kernel ~10% of the side, sigma uniform in [0.1, 2.0]."""
-  return gaussian_blur(images, _lerp(u[:, _SIGMA], *BLUR_SIGMA_RANGE), images.shape[1] // 10)
+  """Blur, kernel ~10% of the side, sigma uniform in BLUR_SIGMA_RANGE (u [n])."""
+  return gaussian_blur(images, _lerp(u, *BLUR_SIGMA_RANGE), images.shape[1] // 10)
 
 
-@tf.function(jit_compile=True)
-def random_blur(images, u):
-  """`_blur` with p=0.5."""
-  chosen = _per_example(tf.cast(u[:, _BLUR] < BLUR_PROB, images.dtype))
-  return images + chosen * (_blur(images, u) - images)
+def random_blur(images, u, cfg):  # pylint: disable=unused-argument
+  """`_blur` with p=0.5. Batched form (u [n, 2]: whether, sigma)."""
+  chosen = _per_example(tf.cast(u[:, 0] < BLUR_PROB, images.dtype))
+  return images + chosen * (_blur(images, u[:, 1]) - images)
 
 
-@tf.function(jit_compile=True)
-def _jitter_and_grayscale(images, u, strength):
-  # XLA fuses the ~40 elementwise ops into a few loops: 1.5-2x faster than op-by-op on CPU.
-  return random_grayscale(color_jitter(images, u, strength), u)
+def _blur_per_image(image, u, cfg):  # pylint: disable=unused-argument
+  # Inputs in [0, 1] stay there through jitter (it clips) and grayscale (it averages); only
+  # the blur's sums of rounded products need a clip.
+  return tf.cond(u[0] < BLUR_PROB,
+                 lambda: tf.clip_by_value(_blur(image[None], u[None, 1])[0], 0.0, 1.0),
+                 lambda: image)
 
 
-def photometric(images, u, *, color_jitter_strength, use_blur):
-  """The pretraining colour distortion (jitter, grayscale) and optional blur of a batch of
-  views ([b, S, S, 3], u [b, K]), clipped to [0, 1]: every operation on every view, then
-  blended by the draws, fused by XLA; the fastest form for small images."""
-  x = _jitter_and_grayscale(images, u, float(color_jitter_strength))
-  if use_blur:
-    x = random_blur(x, u)
-  return tf.clip_by_value(x, 0.0, 1.0)
+# ----------------------------------------------------------------------------------------
+# Declarations.
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+  """One augmentation of a training view.
+
+  `draws`: how many uniforms it reads per view; each form gets only its own columns.
+  Geometric (`boxes` set): `boxes(boxes, u, height, width, cfg)` maps the views' crop boxes
+  ([n, 4], as `crop_and_resize` reads them; the whole image before the first) given u
+  [n, draws] and the source sizes ([n] float32). Photometric (`batched` and `per_image`
+  set): `batched(images, u, cfg)` on views [n, S, S, 3] in [0, 1] with u [n, draws], run
+  inside one XLA-compiled function, the result clipped once at the end; `per_image(image,
+  u, cfg)` on one view [S, S, 3] with u [draws], in [0, 1], with the batched form's
+  distribution. It runs where `enabled`: in every training stream, or with
+  `contrastive_only` in contrastive views only, and while the DataConfig bool `switch` (if
+  any) is True; `fields`: the other DataConfig fields its forms read.
+  """
+  name: str
+  draws: int
+  boxes: Optional[Callable] = None
+  batched: Optional[Callable] = None
+  per_image: Optional[Callable] = None
+  contrastive_only: bool = False
+  switch: Optional[str] = None
+  fields: tuple = ()
+
+  @property
+  def geometric(self) -> bool:
+    return self.boxes is not None
+
+  def enabled(self, cfg: DataConfig, contrastive: bool) -> bool:
+    return ((contrastive or not self.contrastive_only)
+            and (self.switch is None or getattr(cfg, self.switch)))
 
 
+# The crop draws its box within the whole image, which is what the boxes before it hold.
+CROP = Augmentation(
+    "crop", 2 * CROP_ATTEMPTS + 2, fields=("crop_min_area",),
+    boxes=lambda boxes, u, height, width, cfg: crop_boxes(u, height, width,
+                                                          (cfg.crop_min_area, 1.0)))
+FLIP = Augmentation("flip", 1,
+                    boxes=lambda boxes, u, height, width, cfg: flip_boxes(boxes, u[:, 0]))
+COLOR_JITTER = Augmentation("color_jitter", 9, batched=color_jitter,
+                            per_image=_color_jitter_per_image, contrastive_only=True,
+                            fields=("color_jitter_strength",))
+GRAYSCALE = Augmentation("grayscale", 1, batched=random_grayscale, per_image=_grayscale_per_image,
+                         contrastive_only=True)
+BLUR = Augmentation("blur", 2, batched=random_blur, per_image=_blur_per_image,
+                    contrastive_only=True, switch="use_blur")
+
+# In the order they apply (geometric ones first) and their columns are laid out.
+AUGMENTATIONS = (CROP, FLIP, COLOR_JITTER, GRAYSCALE, BLUR)
+_ENDS = list(itertools.accumulate(a.draws for a in AUGMENTATIONS))
+COLUMNS = {a.name: slice(end - a.draws, end) for a, end in zip(AUGMENTATIONS, _ENDS)}
+# Padded to a multiple of 4: Philox yields 4 numbers per counter step, which lets the
+# pipeline address position p's numbers by counter offset alone. Declaring more draws than
+# the padding holds changes every position's numbers, hence every seed's data stream.
+DRAWS_PER_VIEW = (_ENDS[-1] + 3) // 4 * 4
+# The DataConfig fields the augmentations read (switches first), e.g. for command lines.
+CONFIG_FIELDS = tuple(dict.fromkeys(
+    [a.switch for a in AUGMENTATIONS if a.switch] + [f for a in AUGMENTATIONS for f in a.fields]))
 # Side from which `photometric_per_image` beats the batched `photometric` (measured on a
 # 2-core CPU): on large images the work per pixel dominates, so running only the
 # operations a view drew, with TF's fused kernels, wins over fusing all of them.
 PER_IMAGE_MIN_SIZE = 96
 
 
-def photometric_per_image(views, u, *, color_jitter_strength, use_blur):
-  """`photometric`'s distribution for one example's views ([V, S, S, 3], u [V, K]), one image
-  at a time, as the reference does it: tf.image's kernels in the drawn order, and a
-  `tf.cond` skips what was not drawn. For the per-example stage of an input pipeline."""
-  strength = float(color_jitter_strength)
-  b = 0.8 * strength
+def active(cfg: DataConfig, contrastive: bool, geometric: bool):
+  """The enabled geometric (or photometric) augmentations, in order."""
+  return tuple(a for a in AUGMENTATIONS if a.geometric == geometric and a.enabled(cfg, contrastive))
 
-  def jitter(x, row):
-    factors = row[_FACTORS]
-    ops = [
-        lambda x: x * _lerp(factors[0], max(1.0 - b, 0.0), 1.0 + b),
-        lambda x: tf.image.adjust_contrast(x, _lerp(factors[1], 1.0 - b, 1.0 + b)),
-        lambda x: tf.image.adjust_saturation(x, _lerp(factors[2], 1.0 - b, 1.0 + b)),
-        lambda x: tf.image.adjust_hue(x, _lerp(factors[3], -0.2 * strength, 0.2 * strength)),
-    ]
-    order = tf.argsort(row[_ORDER])
-    for step in range(4):
-      # Default bound per step: the lambdas must not capture the loop's changing `x`.
-      x = tf.switch_case(order[step], [lambda op=op, x=x: op(x) for op in ops])
-      x = tf.clip_by_value(x, 0.0, 1.0)
-    return x
+
+def view_boxes(u, height, width, cfg: DataConfig, *, contrastive: bool):
+  """[n, 4] crop boxes of n views (u [n, DRAWS_PER_VIEW]; height, width [n] of their source
+  images): the enabled geometric augmentations in order, from the whole image."""
+  height, width = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  zero = tf.zeros_like(height)[:, None]
+  boxes = _pixel_boxes(zero, zero, height[:, None], width[:, None], height[:, None], width[:, None])
+  for a in active(cfg, contrastive, geometric=True):
+    boxes = a.boxes(boxes, u[:, COLUMNS[a.name]], height, width, cfg)
+  return boxes
+
+
+def photometric(images, u, cfg: DataConfig, *, contrastive: bool):
+  """The enabled photometric augmentations of a batch of views ([n, S, S, 3] in [0, 1], u
+  [n, DRAWS_PER_VIEW]), clipped to [0, 1]: every one on every view, blended by the draws,
+  fused by XLA (1.5-2x faster than op by op on CPU); the fastest form for small images."""
+  ops = active(cfg, contrastive, geometric=False)
+  if not ops:
+    return images
+  return tf.clip_by_value(_fused(ops, cfg)(images, u), 0.0, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _fused(ops, cfg):
+  """The batched forms of `ops` as one XLA-compiled function, made once per (ops, cfg) for
+  every pipeline built with them."""
+  @tf.function(jit_compile=True)
+  def fused(images, u):
+    for a in ops:
+      images = a.batched(images, u[:, COLUMNS[a.name]], cfg)
+    return images
+  return fused
+
+
+def photometric_per_image(views, u, cfg: DataConfig, *, contrastive: bool):
+  """`photometric`'s distribution for one example's views ([V, S, S, 3], u [V,
+  DRAWS_PER_VIEW]), one view at a time, running only what each view drew. For the
+  per-example stage of an input pipeline."""
+  ops = active(cfg, contrastive, geometric=False)
 
   def one(x, row):
-    # Inputs in [0, 1] stay there: jitter clips, grayscale averages; only the blur's sums of
-    # rounded products need a clip.
-    x = tf.cond(row[_JITTER] < JITTER_PROB, lambda: jitter(x, row), lambda: x)
-    x = tf.cond(row[_GRAY] < GRAYSCALE_PROB, lambda: grayscale(x), lambda: x)
-    if use_blur:
-      x = tf.cond(row[_BLUR] < BLUR_PROB,
-                  lambda: tf.clip_by_value(_blur(x[None], row[None])[0], 0.0, 1.0), lambda: x)
+    for a in ops:
+      x = a.per_image(x, row[COLUMNS[a.name]], cfg)
     return x
 
   return tf.stack([one(views[v], u[v]) for v in range(views.shape[0])])
-
-
-def geometric_boxes(u, height, width):
-  """Random crop + horizontal flip (p=0.5) boxes for one view."""
-  return flip_boxes(crop_boxes(u[:, _CROP], height, width), u[:, _FLIP])

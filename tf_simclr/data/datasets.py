@@ -1,8 +1,11 @@
 """Example sources: TFDS builders (with offline Fashion-MNIST), image folders, label subsets.
 
-A split is either held in memory for random access (`Examples`: decoded pixels, encoded
-images or file paths, plus labels), which lets the pipeline address any position of its
-stream directly, or, when too big for memory, streamed from TFDS (`StreamingSplit`).
+A source is a kind of dataset (a `Source`), chosen by the prefix of `DataConfig.dataset` in
+`SOURCES` ("folder:" -> `ImageFolder`; any other name -> `Tfds`): a new kind is one class
+registered with `register(prefix)`, and the pipelines read whatever it loads. A loaded split
+is either held in memory for random access (`Examples`: decoded pixels, encoded images or
+file paths, plus labels), which lets the pipeline address any position of its stream
+directly, or, when too big for memory, read as a stream (a `Stream`, e.g. `TfdsStream`).
 """
 
 import contextlib
@@ -13,7 +16,7 @@ import gzip
 import hashlib
 import logging
 import os
-from typing import Optional, Union
+from typing import ClassVar, Optional, Protocol, Union
 
 import numpy as np
 import tensorflow as tf
@@ -23,7 +26,6 @@ from tensorflow_datasets.core.download import checksums as tfds_checksums
 from tensorflow_datasets.image_classification import mnist as tfds_mnist
 
 from tf_simclr.config import DataConfig
-from tf_simclr.data import augment
 
 FOLDER_PREFIX = "folder:"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -31,7 +33,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # is fixed (not cfg.seed) so that every run evaluates on the same images.
 FOLDER_EVAL_FRACTION = 0.1
 FOLDER_SPLIT_SEED = 0
-# Splits up to this size are loaded into memory (exact, random-access stream).
+# TFDS splits up to this size are loaded into memory (exact, random-access stream).
 IN_MEMORY_BYTES = 2 << 30
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -57,17 +59,22 @@ class DatasetInfo:
   num_eval_examples: Optional[int]  # None when not asked for (a run that never evaluates)
 
 
+# ----------------------------------------------------------------------------------------
+# What sources provide.
+
 @dataclasses.dataclass(frozen=True)
 class Examples:
-  """A split in memory. `kind` says what `images` holds:
+  """A split in memory, read by position. `kind` says what `images` holds:
 
   "pixels": uint8 [N, H, W, C]; "encoded": JPEG/PNG bytes [N]; "files": paths [N].
   """
   images: np.ndarray
   labels: np.ndarray  # int32 [N]
   kind: str
+  in_memory: ClassVar[bool] = True
 
-  def __len__(self):
+  @property
+  def num_examples(self) -> int:
     return len(self.labels)
 
   @functools.cached_property
@@ -79,91 +86,104 @@ class Examples:
   def take(self, indices):
     return Examples(self.images[indices], self.labels[indices], self.kind)
 
+  def decode(self, data: tf.Tensor) -> tf.Tensor:
+    """One element of `images` -> uint8 [H, W, C]."""
+    if self.kind == "pixels":
+      return data
+    return decode_image(tf.io.read_file(data) if self.kind == "files" else data)
 
-@dataclasses.dataclass(frozen=True)
-class StreamingSplit:
-  """A TFDS split too big for memory, read as a file-shuffled stream."""
-  builder: tfds.core.DatasetBuilder
-  split: str
+
+class Stream(Protocol):
+  """A split too big for memory, read front to back (never by position)."""
+  in_memory: ClassVar[bool]  # False
   num_examples: int
 
+  def read(self, *, share=(0, 1), seed: Optional[int] = None) -> tf.data.Dataset:
+    """Elements {"image": stored image, "label": class} of share i of n (share = (i, n),
+    even shares that together hold every example once): in order with seed None, else in
+    an order shuffled by `seed` as far as the storage makes cheap (e.g. by file)."""
 
-Source = Union[Examples, StreamingSplit]
-
-
-def validate(cfg: DataConfig):
-  """Raises ValueError (one line) for settings that are wrong whatever the data."""
-  if cfg.image_size < 8:
-    raise ValueError(f"image_size must be >= 8, got {cfg.image_size}")
-  if not 0 < cfg.train_label_fraction <= 1:
-    raise ValueError(f"train_label_fraction must be in (0, 1], got {cfg.train_label_fraction}")
-  if cfg.train_labels_per_class < 0:
-    raise ValueError(f"train_labels_per_class must be >= 0, got {cfg.train_labels_per_class}")
-  if cfg.train_labels_per_class and cfg.train_label_fraction < 1:
-    raise ValueError("train_labels_per_class and train_label_fraction < 1 both choose the "
-                     "labelled subset: set one of them")
-  augment.check_resize_method(cfg.resize_method)
+  def decode(self, data: tf.Tensor) -> tf.Tensor:
+    """One stored image -> uint8 [H, W, C]."""
 
 
-def is_folder(cfg: DataConfig) -> bool:
-  return cfg.dataset.startswith(FOLDER_PREFIX)
+Split = Union[Examples, Stream]
 
+
+class Source(Protocol):
+  """A kind of dataset, built as cls(dataset name without its prefix, cfg). `split` is
+  "train" or "eval" (cfg.train_split and cfg.eval_split, or the source's own)."""
+  num_classes: int
+
+  def num_examples(self, split: str) -> int:
+    """Without reading the examples."""
+
+  def labels(self, split: str) -> np.ndarray:
+    """int32 [N] (label subsets); a ValueError (`needs_memory`) for a streamed split."""
+
+  def load(self, split: str) -> Split:
+    ...
+
+
+# Dataset name prefix -> Source class. The longest prefix of cfg.dataset wins; "" (TFDS)
+# matches every name.
+SOURCES = {}
+
+
+def register(prefix: str):
+  """Class decorator: datasets named prefix + name are read by this Source class."""
+  def add(cls):
+    SOURCES[prefix] = cls
+    return cls
+  return add
+
+
+def source(cfg: DataConfig) -> Source:
+  prefix = max((p for p in SOURCES if cfg.dataset.startswith(p)), key=len)
+  return SOURCES[prefix](cfg.dataset[len(prefix):], cfg)
+
+
+def needs_memory(split_name: str, what: str) -> ValueError:
+  return ValueError(f"{what} needs {split_name} in memory; set cache_dataset=True or use a "
+                    "prepared subset (e.g. imagenet2012_subset/1pct)")
+
+
+# ----------------------------------------------------------------------------------------
+# Loading.
 
 def dataset_info(cfg: DataConfig, with_eval: bool = True) -> DatasetInfo:
   """Sizes of the splits; reads labels only for a label subset.
 
   `with_eval=False` leaves the eval split alone (a training-only run need not name one that
   exists: most TFDS datasets have no "validation")."""
-  validate(cfg)
-  if is_folder(cfg):
-    train, evaluation, classes = _folder_splits(cfg)
-    num_train, num_eval, labels = len(train), len(evaluation), train.labels
-    num_classes = len(classes)
-  else:
-    builder = tfds_builder(cfg)
-    num_classes = builder.info.features["label"].num_classes
-    num_train = _num_examples(builder, cfg.train_split)
-    num_eval = _num_examples(builder, cfg.eval_split) if with_eval else None
-    labels = None
-    if cfg.has_label_subset:
-      _require_in_memory(builder, cfg, "a label subset")
-      labels = _tfds_labels(builder, cfg.train_split)
+  cfg.validate()
+  src = source(cfg)
+  num_train = src.num_examples("train")
+  num_eval = src.num_examples("eval") if with_eval else None
   num_labelled = num_train
   if cfg.has_label_subset:
-    num_labelled = len(labelled_indices(labels, cfg.train_label_fraction, cfg.seed,
+    num_labelled = len(labelled_indices(src.labels("train"), cfg.train_label_fraction, cfg.seed,
                                         cfg.train_labels_per_class))
-  return DatasetInfo(num_classes, num_train, num_labelled, num_eval)
+  return DatasetInfo(src.num_classes, num_train, num_labelled, num_eval)
 
 
-def load_train(cfg: DataConfig, subset: str = "labelled") -> Source:
+def load_train(cfg: DataConfig, subset: str = "labelled") -> Split:
   """The training examples of `subset` ("labelled", "all" or "unlabelled")."""
-  validate(cfg)
+  cfg.validate()
   if subset not in SUBSETS:
     raise ValueError(f"subset={subset!r} is not one of {SUBSETS}")
-  if is_folder(cfg):
-    examples = _folder_splits(cfg)[0]
-  else:
-    builder = tfds_builder(cfg)
-    if not _fits_in_memory(builder, cfg, cfg.train_split):
-      if subset != "all" and cfg.has_label_subset:
-        _require_in_memory(builder, cfg, f"subset={subset!r} with a label subset")
-      num = _num_examples(builder, cfg.train_split)
-      return StreamingSplit(builder, cfg.train_split, 0 if subset == "unlabelled" else num)
-    examples = _tfds_examples(builder, cfg.train_split)
-  if subset == "all":
-    return examples
-  return examples.take(subset_indices(examples.labels, cfg.train_label_fraction, cfg.seed, subset,
-                                      cfg.train_labels_per_class))
+  split = source(cfg).load("train")
+  if subset == "all" or (subset == "labelled" and not cfg.has_label_subset):
+    return split
+  if not split.in_memory:
+    raise needs_memory(f"{cfg.dataset}:{cfg.train_split}", f"subset={subset!r}")
+  return split.take(subset_indices(split.labels, cfg.train_label_fraction, cfg.seed, subset,
+                                   cfg.train_labels_per_class))
 
 
-def load_eval(cfg: DataConfig) -> Source:
-  validate(cfg)
-  if is_folder(cfg):
-    return _folder_splits(cfg)[1]
-  builder = tfds_builder(cfg)
-  if not _fits_in_memory(builder, cfg, cfg.eval_split):
-    return StreamingSplit(builder, cfg.eval_split, _num_examples(builder, cfg.eval_split))
-  return _tfds_examples(builder, cfg.eval_split)
+def load_eval(cfg: DataConfig) -> Split:
+  cfg.validate()
+  return source(cfg).load("eval")
 
 
 # ----------------------------------------------------------------------------------------
@@ -199,23 +219,98 @@ def subset_indices(labels: np.ndarray, fraction: float, seed: int, subset: str,
   return np.arange(len(labels))
 
 
+
 # ----------------------------------------------------------------------------------------
 # TFDS.
 
-def tfds_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
-  """The prepared builder of cfg.dataset (downloads it, or for fashion_mnist uses Debian's files)."""
-  builder = _builder(cfg)
+@register("")
+class Tfds:
+  """A TFDS builder by name with `image` and a ClassLabel `label`, prepared on first use.
+  A split is held in memory up to IN_MEMORY_BYTES (any size with cfg.cache_dataset), else
+  streamed."""
+
+  def __init__(self, name: str, cfg: DataConfig):
+    self.builder = tfds_builder(name, cfg.data_dir)
+    self.num_classes = self.builder.info.features["label"].num_classes
+    self._names = {"train": cfg.train_split, "eval": cfg.eval_split}
+    self._cache = cfg.cache_dataset
+
+  def num_examples(self, split):
+    return _num_examples(self.builder, self._names[split])
+
+  def labels(self, split):
+    name = self._names[split]
+    if not self._in_memory(name):
+      raise needs_memory(f"{self.builder.name}:{name}", "a label subset")
+    _num_examples(self.builder, name)
+    ds = self.builder.as_dataset(split=name, shuffle_files=False,
+                                 decoders={"image": tfds.decode.SkipDecoding()})
+    ds = ds.map(lambda ex: ex["label"]).batch(65536)
+    return np.concatenate(list(tfds.as_numpy(ds))).astype(np.int32)
+
+  def load(self, split):
+    name = self._names[split]
+    if not self._in_memory(name):
+      return TfdsStream(self.builder, name, _num_examples(self.builder, name))
+    num = _num_examples(self.builder, name)
+    fixed = None not in self.builder.info.features["image"].shape
+    decoders = None if fixed else {"image": tfds.decode.SkipDecoding()}
+    ds = self.builder.as_dataset(split=name, shuffle_files=False, decoders=decoders)
+    # One batch of the whole split (batch_size=-1 needs split metadata, absent in mock data).
+    data = next(iter(tfds.as_numpy(ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
+                                   .batch(num))))
+    return Examples(data["image"], data["label"].astype(np.int32), "pixels" if fixed else "encoded")
+
+  def _in_memory(self, name):
+    if self._cache or not self.builder.info.splits:
+      return True
+    shape = self.builder.info.features["image"].shape
+    if None not in shape:
+      size = _num_examples(self.builder, name) * int(np.prod(shape))
+    else:
+      size = self.builder.info.splits[name].num_bytes
+    return size <= IN_MEMORY_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsStream:
+  """A TFDS split too big for memory (a `Stream`): encoded images, decoded per example."""
+  builder: tfds.core.DatasetBuilder
+  split: str
+  num_examples: int
+  in_memory: ClassVar[bool] = False
+
+  def read(self, *, share=(0, 1), seed=None):
+    # Even shares of the examples: sharding by file (TFDS's input_context) fails when a split
+    # has fewer files than pipelines.
+    index, count = share
+    split = tfds.even_splits(self.split, n=count)[index]
+    skip = {"image": tfds.decode.SkipDecoding()}
+    if seed is None:
+      return self.builder.as_dataset(split=split, shuffle_files=False, decoders=skip)
+    return self.builder.as_dataset(
+        split=split, shuffle_files=True, decoders=skip,
+        read_config=tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=16,
+                                    interleave_block_length=1))
+
+  def decode(self, data):
+    return decode_image(data)
+
+
+def tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  """The prepared builder `name` (downloads it, or for fashion_mnist uses Debian's files)."""
+  builder = _builder(name, data_dir)
   features = builder.info.features
   if ("image" not in features or "label" not in features
       or not isinstance(features["label"], tfds.features.ClassLabel)):
-    raise ValueError(f"dataset {cfg.dataset!r} has no 'image' and class 'label' features")
+    raise ValueError(f"dataset {name!r} has no 'image' and class 'label' features")
   if builder.is_prepared():
     return builder
   # Processes started together on a fresh machine (the workers of one multi-worker run, the
   # test suite's workers) prepare the data once: the first holds the lock, the others then
   # find it prepared.
   with _preparation_lock(builder.data_dir_root):
-    builder = _builder(cfg)
+    builder = _builder(name, data_dir)
     if not builder.is_prepared():
       if builder.name == "fashion_mnist":
         _prepare_fashion_mnist(builder)
@@ -223,16 +318,17 @@ def tfds_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
         builder.download_and_prepare()
   # A builder made before the data existed keeps the info it read then (no splits): the
   # prepared data is read through a new one.
-  return _builder(cfg)
+  return _builder(name, data_dir)
 
 
-def _builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+def _builder(name, data_dir) -> tfds.core.DatasetBuilder:
   try:
-    return tfds.builder(cfg.dataset, data_dir=cfg.data_dir)
+    return tfds.builder(name, data_dir=data_dir)
   except ValueError as e:  # DatasetNotFoundError and unknown configs are ValueErrors
     first = str(e).splitlines()[0]
-    raise ValueError(f"unknown dataset {cfg.dataset!r}: not a TFDS builder nor "
-                     f"'{FOLDER_PREFIX}/path' ({first})") from None
+    prefixes = ", ".join(f"'{p}...'" for p in SOURCES if p)
+    raise ValueError(f"unknown dataset {name!r}: not a TFDS builder nor {prefixes} "
+                     f"({first})") from None
 
 
 @contextlib.contextmanager
@@ -259,42 +355,6 @@ def _num_examples(builder, split: str) -> int:
   except (KeyError, ValueError):
     raise ValueError(f"dataset {builder.name!r} has no split {split!r} "
                      f"(splits: {', '.join(sorted(splits))})") from None
-
-
-def _fits_in_memory(builder, cfg: DataConfig, split: str) -> bool:
-  if cfg.cache_dataset or not builder.info.splits:
-    return True
-  shape = builder.info.features["image"].shape
-  if None not in shape:
-    size = _num_examples(builder, split) * int(np.prod(shape))
-  else:
-    size = builder.info.splits[split].num_bytes
-  return size <= IN_MEMORY_BYTES
-
-
-def _require_in_memory(builder, cfg: DataConfig, what: str):
-  if not _fits_in_memory(builder, cfg, cfg.train_split):
-    raise ValueError(f"{what} needs {builder.name}:{cfg.train_split} in memory; set "
-                     "cache_dataset=True or use a prepared subset (e.g. imagenet2012_subset/1pct)")
-
-
-def _tfds_examples(builder, split: str) -> Examples:
-  num = _num_examples(builder, split)
-  fixed = None not in builder.info.features["image"].shape
-  decoders = None if fixed else {"image": tfds.decode.SkipDecoding()}
-  ds = builder.as_dataset(split=split, shuffle_files=False, decoders=decoders)
-  # One batch of the whole split (batch_size=-1 needs split metadata, absent in mock data).
-  data = next(iter(tfds.as_numpy(ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
-                                 .batch(num))))
-  return Examples(data["image"], data["label"].astype(np.int32), "pixels" if fixed else "encoded")
-
-
-def _tfds_labels(builder, split: str) -> np.ndarray:
-  _num_examples(builder, split)
-  ds = builder.as_dataset(split=split, shuffle_files=False,
-                          decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: ex["label"]).batch(65536)
-  return np.concatenate(list(tfds.as_numpy(ds))).astype(np.int32)
 
 
 class _LocalFashionMNIST(tfds_mnist.FashionMNIST, skip_registration=True):
@@ -332,29 +392,46 @@ def _prepare_fashion_mnist(builder):
                        f"({type(e).__name__}); {_APT_HINT}") from e
 
 
+
 # ----------------------------------------------------------------------------------------
 # Image folders.
 
-def _folder_splits(cfg: DataConfig):
-  """(train Examples, eval Examples, class names) of a folder dataset."""
-  root = os.path.expanduser(cfg.dataset[len(FOLDER_PREFIX):])
-  if not os.path.isdir(root):
-    raise ValueError(f"image folder {root!r} does not exist")
-  eval_dir = next((os.path.join(root, d) for d in ("val", "validation")
-                   if os.path.isdir(os.path.join(root, d))), None)
-  train_dir = os.path.join(root, "train")
-  if os.path.isdir(train_dir) and eval_dir:
-    classes = _class_names(train_dir)
-    train = _folder_examples(train_dir, classes)
-    evaluation = _folder_examples(eval_dir, classes)
-    if not len(evaluation):
-      raise ValueError(f"image folder {eval_dir!r} holds no readable JPEG/PNG images")
-    return train, evaluation, classes
-  classes = _class_names(root)
-  everything = _folder_examples(root, classes)
-  held_out = labelled_indices(everything.labels, FOLDER_EVAL_FRACTION, FOLDER_SPLIT_SEED)
-  kept = np.setdiff1d(np.arange(len(everything)), held_out)
-  return everything.take(kept), everything.take(held_out), classes
+@register(FOLDER_PREFIX)
+class ImageFolder:
+  """`folder:/path`: one subfolder of JPEG/PNG files per class; /path/train and /path/val (or
+  validation) as the splits, else FOLDER_EVAL_FRACTION of each class held out for eval.
+  Held in memory as file paths."""
+
+  def __init__(self, path: str, cfg: DataConfig):  # pylint: disable=unused-argument
+    root = os.path.expanduser(path)
+    if not os.path.isdir(root):
+      raise ValueError(f"image folder {root!r} does not exist")
+    eval_dir = next((os.path.join(root, d) for d in ("val", "validation")
+                     if os.path.isdir(os.path.join(root, d))), None)
+    train_dir = os.path.join(root, "train")
+    if os.path.isdir(train_dir) and eval_dir:
+      classes = _class_names(train_dir)
+      train = _folder_examples(train_dir, classes)
+      evaluation = _folder_examples(eval_dir, classes)
+      if not evaluation.num_examples:
+        raise ValueError(f"image folder {eval_dir!r} holds no readable JPEG/PNG images")
+    else:
+      classes = _class_names(root)
+      everything = _folder_examples(root, classes)
+      held_out = labelled_indices(everything.labels, FOLDER_EVAL_FRACTION, FOLDER_SPLIT_SEED)
+      train = everything.take(np.setdiff1d(np.arange(everything.num_examples), held_out))
+      evaluation = everything.take(held_out)
+    self.num_classes = len(classes)
+    self._splits = {"train": train, "eval": evaluation}
+
+  def num_examples(self, split):
+    return self._splits[split].num_examples
+
+  def labels(self, split):
+    return self._splits[split].labels
+
+  def load(self, split):
+    return self._splits[split]
 
 
 def _class_names(directory):

@@ -9,8 +9,10 @@ replicas or input pipelines: pipeline i of P emits, for each step, the per-repli
 of its contiguous share, in replica order. Resuming at `start_step` starts the stream at
 position start_step*B, at no cost.
 
-Sources too big for memory are streamed from TFDS (file-shuffled, shuffle buffer, sharded
-by input pipeline); see docs/DATA.md for what is then not reproducible.
+Sources too big for memory are streamed (a `datasets.Stream`: shuffled by file, then a
+shuffle buffer, an even share per input pipeline); see docs/DATA.md for what is then not
+reproducible. The pipelines see sources only through `datasets.Examples` and
+`datasets.Stream`.
 """
 
 import math
@@ -18,7 +20,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from tf_simclr.config import DataConfig, TRAIN_MODES
+from tf_simclr.config import DataConfig
 from tf_simclr.data import augment, datasets
 
 # Philox counters: training augmentation draws and the streaming fallback's draws use
@@ -29,41 +31,46 @@ _STREAMING_STREAM = 1
 _SHUFFLE_BATCHES_SMALL, _SHUFFLE_BATCHES_LARGE = 50, 10
 
 
-def build_train_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, train_mode: str,
-                        subset: str = "labelled", start_step: int = 0, source=None):
+def build_train_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, views: int,
+                        contrastive: bool, subset: str = "labelled", start_step: int = 0,
+                        source=None):
   """Infinite distributed stream of {"image": [b, S, S, 3V], "label": [b]} per replica.
 
-  V = 2 views concatenated on channels for "pretrain", 1 (crop + flip only) otherwise.
+  `views` augmented views of each image, concatenated on channels; `contrastive`: with the
+  augmentations declared contrastive-only (colour distortion, blur), else crop and flip.
   `source`: the examples of `subset` if already loaded (`datasets.load_train`).
   """
-  if train_mode not in TRAIN_MODES:
-    raise ValueError(f"train_mode={train_mode!r} is not one of {TRAIN_MODES}")
+  if views < 1:
+    raise ValueError(f"views must be >= 1, got {views}")
   _check_batch(strategy, global_batch_size)
   if start_step < 0:
     raise ValueError(f"start_step must be >= 0, got {start_step}")
   if source is None:
     source = datasets.load_train(cfg, subset)
-  num = len(source) if isinstance(source, datasets.Examples) else source.num_examples
-  if num < global_batch_size:
-    raise ValueError(f"subset {subset!r} of {cfg.dataset}:{cfg.train_split} has {num} examples, "
-                     f"fewer than one global batch of {global_batch_size}")
+  if source.num_examples < global_batch_size:
+    raise ValueError(f"subset {subset!r} of {cfg.dataset}:{cfg.train_split} has "
+                     f"{source.num_examples} examples, fewer than one global batch of "
+                     f"{global_batch_size}")
 
   def input_fn(ctx):
-    return train_dataset(source, cfg, global_batch_size=global_batch_size,
-                         train_mode=train_mode, start_step=start_step,
+    return train_dataset(source, cfg, global_batch_size=global_batch_size, views=views,
+                         contrastive=contrastive, start_step=start_step,
                          num_pipelines=ctx.num_input_pipelines, pipeline_id=ctx.input_pipeline_id,
                          per_replica_batch=ctx.get_per_replica_batch_size(global_batch_size))
 
   return strategy.distribute_datasets_from_function(input_fn)
 
 
-def build_eval_dataset(strategy, cfg: DataConfig, *, global_batch_size: int):
+def build_eval_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, source=None):
   """Finite distributed stream of {"image", "label", "mask"}: every eval example once.
 
   The last global batch is padded (mask 0) so every per-replica batch has the same size.
+  `source`: other examples to run through the eval pipeline than the eval split (e.g. the
+  training split already loaded, unaugmented).
   """
   _check_batch(strategy, global_batch_size)
-  source = datasets.load_eval(cfg)
+  if source is None:
+    source = datasets.load_eval(cfg)
 
   def input_fn(ctx):
     return eval_dataset(source, cfg, global_batch_size=global_batch_size,
@@ -87,31 +94,31 @@ def _check_batch(strategy, global_batch_size):
 # ----------------------------------------------------------------------------------------
 # One input pipeline.
 
-def train_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_batch, train_mode,
-                  start_step=0, num_pipelines=1, pipeline_id=0) -> tf.data.Dataset:
+def train_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_batch, views,
+                  contrastive, start_step=0, num_pipelines=1, pipeline_id=0) -> tf.data.Dataset:
   """The per-replica batches one input pipeline feeds to its replicas, in replica order."""
-  views = 2 if train_mode == "pretrain" else 1
-  view_fn, finish = _photometric_fns(cfg, train_mode, views)
-  if isinstance(source, datasets.StreamingSplit):
-    ds = _streaming_train(source, cfg, per_replica_batch, views, start_step * global_batch_size,
-                          num_pipelines, pipeline_id, view_fn)
+  view_fn, finish = _photometric_fns(cfg, views, contrastive)
+  if not source.in_memory:
+    ds = _streaming_train(source, cfg, per_replica_batch, views, contrastive,
+                          start_step * global_batch_size, num_pipelines, pipeline_id, view_fn)
   else:
     b, size, width = per_replica_batch, cfg.image_size, augment.DRAWS_PER_VIEW * views
 
     def example_fn(image, p):
-      return _views_of(image, _draws(cfg.seed, p, 1, width), cfg, views, view_fn)
+      return _views_of(image, _draws(cfg.seed, p, 1, width), cfg, views, contrastive, view_fn)
 
     def batch_fn(images, first_position):  # crops of a whole batch in one pass
       u = _draws(cfg.seed, first_position, b, width)
       h, w = (tf.fill([b], float(d)) for d in images.shape[1:3])
-      crops = augment.crop_and_resize(images, _view_boxes(u, h, w, views), size,
-                                      tf.repeat(tf.range(b), views), method=cfg.resize_method)
+      boxes = _view_boxes(u, h, w, cfg, views, contrastive)
+      crops = augment.crop_and_resize(images, boxes, size, tf.repeat(tf.range(b), views),
+                                      method=cfg.resize_method)
       return {"image": tf.reshape(crops, [b, views, size, size, 3]),
               "u": tf.reshape(u, [b, views, augment.DRAWS_PER_VIEW])}
 
     positions = _positions(b, global_batch_size, num_pipelines, pipeline_id, start_step)
-    ds = _examples_at(source, positions, b, _train_lookup(len(source), cfg.seed), example_fn,
-                      batch_fn if view_fn is None else None)
+    ds = _examples_at(source, positions, b, _train_lookup(source.num_examples, cfg.seed),
+                      example_fn, batch_fn if view_fn is None else None)
   ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -123,9 +130,9 @@ def eval_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_batc
   def view(image):
     return augment.preprocess_for_eval(image, cfg.image_size, resize_method=cfg.resize_method)
 
-  num = len(source) if isinstance(source, datasets.Examples) else source.num_examples
+  num = source.num_examples
   steps = num_eval_steps(num, global_batch_size)
-  if isinstance(source, datasets.StreamingSplit):
+  if not source.in_memory:
     ds = _streaming_eval(source, cfg, per_replica_batch, global_batch_size, steps,
                          num_pipelines, pipeline_id, view)
   else:
@@ -178,10 +185,10 @@ def _draws(seed, first_position, count, width, stream=_TRAIN_STREAM):
   return tf.reshape(u, [count, width])
 
 
-def _view_boxes(u, height, width, views):
-  """[n*V, 4] crop+flip boxes, example-major, from u [n, V*K]."""
-  u = tf.reshape(u, [-1, augment.DRAWS_PER_VIEW])
-  return augment.geometric_boxes(u, tf.repeat(height, views), tf.repeat(width, views))
+def _view_boxes(u, height, width, cfg, views, contrastive):
+  """[n*V, 4] crop boxes, example-major, from u [n, V*K] and the n images' sizes."""
+  return augment.view_boxes(tf.reshape(u, [-1, augment.DRAWS_PER_VIEW]), tf.repeat(height, views),
+                            tf.repeat(width, views), cfg, contrastive=contrastive)
 
 
 def _examples_at(source, positions, b, lookup, example_fn, batch_fn=None):
@@ -201,43 +208,37 @@ def _examples_at(source, positions, b, lookup, example_fn, batch_fn=None):
 
   def per_example(p):
     index, mask = lookup(p)
-    data = images[index]
-    if source.kind == "pixels":
-      image = data
-    else:
-      image = datasets.decode_image(tf.io.read_file(data) if source.kind == "files" else data)
-    return {**example_fn(image, p), "label": labels[index], "mask": mask}
+    return {**example_fn(source.decode(images[index]), p), "label": labels[index], "mask": mask}
 
   ds = positions.unbatch().map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(b, drop_remainder=True)
 
 
-def _views_of(image, u, cfg, views, view_fn):
+def _views_of(image, u, cfg, views, contrastive, view_fn):
   """{"image": one image's crops [V, S, S, 3] (view_fn applied, if any), "u": its draws [V, K]}."""
   shape = tf.cast(tf.shape(image), tf.float32)
-  boxes = _view_boxes(u, shape[0:1], shape[1:2], views)
+  boxes = _view_boxes(u, shape[0:1], shape[1:2], cfg, views, contrastive)
   crops = augment.crop_and_resize_views(image, boxes, cfg.image_size, method=cfg.resize_method)
   u = tf.reshape(u, [views, augment.DRAWS_PER_VIEW])
   return {"image": crops if view_fn is None else view_fn(crops, u), "u": u}
 
 
-def _photometric_fns(cfg, train_mode, views):
-  """(per-example fn or None, per-batch fn): the colour distortion (pretrain only) where it
-  runs fastest (augment.PER_IMAGE_MIN_SIZE), and the final [b, S, S, 3V] layout."""
-  per_image = train_mode == "pretrain" and cfg.image_size >= augment.PER_IMAGE_MIN_SIZE
+def _photometric_fns(cfg, views, contrastive):
+  """(per-example fn or None, per-batch fn): the photometric augmentations where they run
+  fastest (augment.PER_IMAGE_MIN_SIZE), and the final [b, S, S, 3V] layout."""
+  photometric = bool(augment.active(cfg, contrastive, geometric=False))
+  per_image = photometric and cfg.image_size >= augment.PER_IMAGE_MIN_SIZE
 
   def view_fn(crops, u):
-    return augment.photometric_per_image(crops, u, color_jitter_strength=cfg.color_jitter_strength,
-                                         use_blur=cfg.use_blur)
+    return augment.photometric_per_image(crops, u, cfg, contrastive=contrastive)
 
   def finish(ex):
     x = ex["image"]
     b, size = tf.shape(x)[0], x.shape[2]
-    if train_mode == "pretrain" and not per_image:
+    if photometric and not per_image:
       flat = tf.reshape(x, [-1, size, size, 3])
       u = tf.reshape(ex["u"], [-1, augment.DRAWS_PER_VIEW])
-      flat = augment.photometric(flat, u, color_jitter_strength=cfg.color_jitter_strength,
-                                 use_blur=cfg.use_blur)
+      flat = augment.photometric(flat, u, cfg, contrastive=contrastive)
       x = tf.reshape(flat, [b, views, size, size, 3])
     # Views side by side on channels: view v is channels 3v .. 3v+2.
     x = tf.reshape(tf.transpose(x, [0, 2, 3, 1, 4]), [b, size, size, 3 * views])
@@ -246,42 +247,34 @@ def _photometric_fns(cfg, train_mode, views):
 
 
 # ----------------------------------------------------------------------------------------
-# Streaming fallback (TFDS splits too big for memory).
+# Streamed sources.
 
-def _decode_crop(cfg, views, view_fn=None):
+def _decode_crop(source, cfg, views, contrastive, view_fn=None):
   def fn(ex, p):
     u = _draws(cfg.seed, p, 1, augment.DRAWS_PER_VIEW * views, _STREAMING_STREAM)
-    return {**_views_of(datasets.decode_image(ex["image"]), u, cfg, views, view_fn),
+    return {**_views_of(source.decode(ex["image"]), u, cfg, views, contrastive, view_fn),
             "label": tf.cast(ex["label"], tf.int32)}
   return fn
 
 
-def _streaming_train(source, cfg, b, views, first_position, num_pipelines, pipeline_id,
-                     view_fn=None):
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  # Each pipeline reads its own even share of the examples: sharding by file (TFDS's
-  # input_context) fails when a split has fewer files than pipelines.
-  ds = source.builder.as_dataset(
-      split=tfds.even_splits(source.split, n=num_pipelines)[pipeline_id], shuffle_files=True,
-      decoders={"image": tfds.decode.SkipDecoding()},
-      read_config=tfds.ReadConfig(shuffle_seed=cfg.seed, interleave_cycle_length=16,
-                                  interleave_block_length=1))
+def _streaming_train(source, cfg, b, views, contrastive, first_position, num_pipelines,
+                     pipeline_id, view_fn=None):
+  # Each pipeline reads its own even share of the examples.
+  ds = source.read(share=(pipeline_id, num_pipelines), seed=cfg.seed)
   buffer = _SHUFFLE_BATCHES_SMALL if cfg.image_size <= 32 else _SHUFFLE_BATCHES_LARGE
   ds = ds.shuffle(b * buffer, seed=cfg.seed).repeat()
   # Positions interleave the pipelines, so no two pipelines share augmentation draws.
   ds = ds.enumerate().map(lambda i, ex: (ex, first_position + i * num_pipelines + pipeline_id))
-  ds = ds.map(_decode_crop(cfg, views, view_fn), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=False)
+  ds = ds.map(_decode_crop(source, cfg, views, contrastive, view_fn),
+              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   return ds.batch(b, drop_remainder=True)
 
 
 def _streaming_eval(source, cfg, b, global_batch, steps, num_pipelines, pipeline_id, view):
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  ds = source.builder.as_dataset(split=source.split, shuffle_files=False,
-                                 decoders={"image": tfds.decode.SkipDecoding()})
-  ds = ds.map(lambda ex: {"image": view(datasets.decode_image(ex["image"])),
-                          "label": tf.cast(ex["label"], tf.int32), "mask": tf.constant(1.0)},
-              num_parallel_calls=tf.data.AUTOTUNE)
+  ds = source.read().map(lambda ex: {"image": view(source.decode(ex["image"])),
+                                     "label": tf.cast(ex["label"], tf.int32),
+                                     "mask": tf.constant(1.0)},
+                         num_parallel_calls=tf.data.AUTOTUNE)
   size = cfg.image_size
   pad = {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32),
          "mask": tf.constant(0.0)}
