@@ -11,7 +11,6 @@ reference installed, docs/EXPORT.md).
 """
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 import tf_simclr  # noqa: F401
-from tf_simclr import convert
+from tf_simclr import convert, pretrained
 from tf_simclr.config import ModelConfig
 from tf_simclr.models.simclr import build_model
 from tf_simclr.train import checkpoints
@@ -295,7 +294,7 @@ def test_mismatch_names_first_variable_and_shapes(tmp_path):
     convert.load_reference_weights(build_model(no_se), no_se, reference)
 
 
-def test_cli_writes_checkpoint_saved_model_and_flags(tmp_path):
+def test_cli_writes_checkpoint_saved_model_and_config(tmp_path):
   cfg = dataclasses.replace(SE18, se_ratio=0.0, ft_proj_selector=1)
   net, images, expected = _reference(cfg, 32, seed=5)
   _write_tf2_saved_model(net.tf2, str(tmp_path / "hub"))
@@ -307,12 +306,11 @@ def test_cli_writes_checkpoint_saved_model_and_flags(tmp_path):
        "--proj_out_dim=16", "--ft_proj_selector=1"],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
-  flags = json.loads((out / "flags.json").read_text())
-  assert flags["resnet_depth"] == 18 and flags["num_classes"] == 10  # read from the head
-  prefix = checkpoints.resolve_checkpoint(str(out))
+  # num_classes read from the head; BN as the converter's defaults.
+  assert pretrained.read_model_config(str(out)) == dataclasses.replace(cfg, global_bn=True)
+  model, _, prefix = pretrained.load_pretrained(str(out))
+  assert prefix == checkpoints.resolve_checkpoint(str(out))
   assert prefix.endswith("ckpt-0") and checkpoints.checkpoint_step(prefix) == 0
-  model = build_model(dataclasses.replace(cfg, global_bn=True))
-  checkpoints.restore_model(prefix, model)
   _check_outputs(model, expected, images)
   # The SavedModel serves the same outputs.
   loaded = tf.saved_model.load(str(out / "saved_model" / "0"))

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import tf_simclr  # noqa: F401
-from tf_simclr import export
+from tf_simclr import export, pretrained
 from tf_simclr.config import ModelConfig
 from tf_simclr.models.simclr import OUTPUT_NAMES, build_model
 from tf_simclr.train import checkpoints
@@ -209,10 +209,7 @@ def test_saved_model_restores_into_keras_model(exported):
   checkpoints.restore_model(prefix, fresh)
   for a, b in zip(model.weights, fresh.weights):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=a.path)
-  fields = checkpoints.read_model_config(path)
-  assert fields == {k: v for k, v in dataclasses.asdict(CFG).items()
-                    if k in checkpoints.ARCHITECTURE_FIELDS}
-  assert export.load_config(path) == CFG
+  assert pretrained.read_model_config(path) == pretrained.read_model_config(prefix) == CFG
   assert checkpoints.checkpoint_num_classes(prefix) == 10
   # Another architecture is refused, naming the variable.
   with pytest.raises(checkpoints.ArchitectureMismatchError, match="stem_conv/conv/kernel"):
@@ -251,13 +248,11 @@ def test_cli_exports_from_checkpoint(tmp_path):
       tf.train.Checkpoint(model=model, global_step=tf.Variable(12, dtype=tf.int64)), str(run),
       max_to_keep=1, checkpoint_name=checkpoints.CHECKPOINT_PREFIX)
   manager.save(checkpoint_number=12)
-  flags = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "num_classes"}
-  flags.update(dataset="cifar10", train_mode="pretrain")
-  (run / "flags.json").write_text(json.dumps(flags))
+  pretrained.write_model_config(str(run), cfg)
   proc = _run(["-m", "tf_simclr.export", f"--model_dir={run}"])
   assert proc.returncode == 0, proc.stderr[-3000:]
   path = run / "saved_model" / "12"
-  assert export.load_config(str(path)).num_classes == 7
+  assert pretrained.read_model_config(str(path)) == cfg
   fresh = build_model(cfg)
   checkpoints.restore_model(checkpoints.resolve_weights(str(path)), fresh)
   for a, b in zip(model.weights, fresh.weights):

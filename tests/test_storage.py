@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tests.test_robustness import CHEAP, variables
 from tests.test_train import ROOT, run
+from tf_simclr import files
 from tf_simclr.train import checkpoints
 
 ARGS = [*CHEAP, "--checkpoint_steps=2", "--keep_hub_module_max=0"]
@@ -200,7 +201,7 @@ def test_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_nothing(small_
   line = error_line(out)
   assert line == (f"run.py: could not write checkpoint {model_dir}/ckpt-2: "
                   "No space left on device")
-  assert sorted(os.listdir(model_dir)) == ["flags.json", "train"]
+  assert sorted(os.listdir(model_dir)) == ["flags.json", "tf_simclr_config.json", "train"]
 
 
 def test_full_disk_keeps_the_previous_checkpoint(small_disk):
@@ -220,16 +221,15 @@ def test_full_disk_keeps_the_previous_checkpoint(small_disk):
 @pytest.mark.parametrize("fault, reason", [("full", "No space left on device"),
                                            ("read-only", "Read-only file system")])
 def test_result_json_on_a_full_or_read_only_disk(small_disk, fault, reason):
-  from tf_simclr.train import loop
   model_dir = small_disk("64k")
   path = os.path.join(model_dir, "result.json")
-  loop.write_json_atomic(path, {"global_step": 1})
+  files.write_json_atomic(path, {"global_step": 1})
   if fault == "full":
     fill(model_dir)
   else:
     subprocess.run(["mount", "-o", "remount,ro", model_dir], check=True)
   with pytest.raises(checkpoints.StorageError, match=f"could not write {path}: {reason}"):
-    loop.write_json_atomic(path, {"global_step": 2, "padding": "x" * 8192})
+    files.write_json_atomic(path, {"global_step": 2, "padding": "x" * 8192})
   assert [name for name in os.listdir(model_dir) if name != "filler"] == ["result.json"]
   with open(path) as f:
     assert f.read() == '{\n  "global_step": 1\n}'
@@ -237,7 +237,6 @@ def test_result_json_on_a_full_or_read_only_disk(small_disk, fault, reason):
 
 def test_failed_rename_is_a_storage_error_without_temporary_file(tmp_path, monkeypatch):
   """The same without a tmpfs: the write is made to fail at the rename."""
-  from tf_simclr.train import loop
   path = str(tmp_path / "flags.json")
 
   def rename(*args, **kwargs):
@@ -246,7 +245,7 @@ def test_failed_rename_is_a_storage_error_without_temporary_file(tmp_path, monke
   monkeypatch.setattr(tf.io.gfile, "rename", rename)
   with pytest.raises(checkpoints.StorageError,
                      match=f"could not write {path}: No space left on device"):
-    loop.write_json_atomic(path, {"a": 1})
+    files.write_json_atomic(path, {"a": 1})
   assert os.listdir(tmp_path) == []
 
 

@@ -17,7 +17,8 @@ Both orders are the reference's layer creation order (stem; per block: projectio
 main path, selective-kernel internals, squeeze-excitation), which is also the order in which
 `_model_units` lists our layers, so convolutions and BNs are matched one to one in order and
 every shape is checked. Writes `<output>/ckpt-0` (a tf_simclr checkpoint),
-`<output>/saved_model/0/` (tf_simclr.export) and `<output>/flags.json` (the architecture).
+`<output>/saved_model/0/` (tf_simclr.export) and `<output>/tf_simclr_config.json` (the model
+config, tf_simclr.pretrained).
 """
 
 import collections
@@ -27,10 +28,11 @@ import re
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from tf_simclr import export, files, pretrained
 from tf_simclr.config import ModelConfig
 from tf_simclr.models.resnet import BottleneckBlock, SelectiveKernel
+from tf_simclr.models.simclr import build_model
 from tf_simclr.train import checkpoints
 
 BN_PARAMS = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -118,7 +120,7 @@ def _variable_paths(graph):
   while stack:
     node_id, path, on_path = stack.pop()
     node = graph.nodes[node_id]
-    if any(a.name == "VARIABLE_VALUE" for a in node.attributes):
+    if checkpoints.variable_key(node) is not None:
       paths[node_id].append(path)
     for child in node.children:
       # Object graphs can have cycles; tf.keras 2's `keras_api` only re-lists objects.
@@ -153,9 +155,7 @@ def _tf2_entry(path):
   return None
 
 
-def _read_tf2(reader):
-  graph = trackable_object_graph_pb2.TrackableObjectGraph()
-  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+def _read_tf2(reader, graph):
   groups = collections.defaultdict(dict)
   for node_id, paths in _variable_paths(graph).items():
     for path in paths:
@@ -163,9 +163,8 @@ def _read_tf2(reader):
       if entry is None:
         continue
       group, key, kind, name, param = entry
-      checkpoint_key = [a.checkpoint_key for a in graph.nodes[node_id].attributes
-                        if a.name == "VARIABLE_VALUE"][0]
-      groups[group][(key, param)] = (key, kind, name, param, reader.get_tensor(checkpoint_key))
+      value = reader.get_tensor(checkpoints.variable_key(graph.nodes[node_id]))
+      groups[group][(key, param)] = (key, kind, name, param, value)
       break
   heads = _group(groups["projection"].values())
   return ReferenceWeights(
@@ -178,10 +177,11 @@ def read_reference(prefix) -> ReferenceWeights:
   """The reference model's weights in a checkpoint (TF1 name-based or TF2 object-based)."""
   reader = tf.train.load_checkpoint(prefix)
   names = reader.get_variable_to_shape_map()
+  graph = checkpoints.object_graph(reader)
   if any(name.startswith("base_model/") for name in names):
     weights = _read_tf1(reader, sorted(names))
-  elif "_CHECKPOINTABLE_OBJECT_GRAPH" in names:
-    weights = _read_tf2(reader)
+  elif graph is not None:
+    weights = _read_tf2(reader, graph)
   else:
     weights = ReferenceWeights([], [], None)
   if not weights.trunk:
@@ -316,12 +316,8 @@ def load_reference_weights(model, cfg: ModelConfig, reference: ReferenceWeights)
 
 
 def convert(source, output, cfg: ModelConfig):
-  """Writes a tf_simclr checkpoint, SavedModel and flags.json of the reference weights in
+  """Writes a tf_simclr checkpoint, SavedModel and model config of the reference weights in
   `source` under `output`. Returns the checkpoint prefix."""
-  from tf_simclr import export
-  from tf_simclr.models.simclr import build_model
-  from tf_simclr.train.loop import write_json_atomic
-
   prefix = checkpoints.resolve_weights(source)
   reference = read_reference(prefix)
   if cfg.num_classes <= 0:
@@ -332,7 +328,7 @@ def convert(source, output, cfg: ModelConfig):
   for note in load_reference_weights(model, cfg, reference):
     print(f"Note: {note}", flush=True)
 
-  with checkpoints.writing(output):
+  with files.writing(output):
     tf.io.gfile.makedirs(output)
   step = tf.Variable(0, dtype=tf.int64)
   manager = tf.train.CheckpointManager(
@@ -340,10 +336,7 @@ def convert(source, output, cfg: ModelConfig):
       checkpoint_name=checkpoints.CHECKPOINT_PREFIX)
   path = checkpoints.save_checkpoint(manager, 0)
   export.export_run(model, output, cfg, step=0, keep_hub_module_max=1)
-  fields = {k: v for k, v in dataclasses.asdict(cfg).items()
-            if k in checkpoints.ARCHITECTURE_FIELDS}
-  fields["source"] = source
-  write_json_atomic(os.path.join(output, "flags.json"), fields)
+  pretrained.write_model_config(output, cfg)
   return path
 
 
@@ -373,7 +366,8 @@ def main():
       path = convert(F.source, F.output, cfg)
     except (ConversionError, FileNotFoundError, ValueError) as e:
       raise app.UsageError(str(e))
-    print(f"Wrote {path}, {F.output}/saved_model/0 and {F.output}/flags.json", flush=True)
+    print(f"Wrote {path}, {os.path.join(F.output, 'saved_model', '0')} and "
+          f"{os.path.join(F.output, pretrained.MODEL_CONFIG_FILE)}", flush=True)
 
   app.run(checkpoints.exit_on_storage_error(run))
 

@@ -9,23 +9,22 @@ One SavedModel carries, all returning the dict of `OUTPUT_NAMES` for float32 ima
   - `variables` / `trainable_variables`, and the Keras model itself under the attribute
     `model`, so that `<dir>/variables/variables` restores into a fresh Keras model with
     `checkpoints.restore_model` exactly like a training checkpoint does;
-  - `tf_simclr_config.json`: the architecture (ModelConfig fields).
+  - `tf_simclr_config.json`: the model config and step (tf_simclr.pretrained).
 
   python -m tf_simclr.export --model_dir=<run> [--checkpoint=<prefix>] [--output=<dir>]
 """
 
 import dataclasses
-import json
 import os
 
 import keras
 import tensorflow as tf
 
+from tf_simclr import files, pretrained
 from tf_simclr.config import ModelConfig
 from tf_simclr.models.simclr import OUTPUT_NAMES, build_model
 from tf_simclr.train import checkpoints
 
-CONFIG_FILE = "tf_simclr_config.json"
 EXPORT_SUBDIR = "saved_model"
 SERVE_ENDPOINT = "serve"
 TRAINING_ENDPOINT = "training"
@@ -95,11 +94,7 @@ def export_saved_model(model, export_dir, model_cfg: ModelConfig, step=None):
   # Custom gradients (the all-reduce of synchronized BN) must be saved for fine-tuning.
   archive.write_out(export_dir, verbose=False,
                     options=tf.saved_model.SaveOptions(experimental_custom_gradients=True))
-  config = dataclasses.asdict(model_cfg)
-  if step is not None:
-    config["global_step"] = int(step)
-  with tf.io.gfile.GFile(os.path.join(export_dir, CONFIG_FILE), "w") as f:
-    f.write(json.dumps(config, indent=2, sort_keys=True))
+  pretrained.write_model_config(export_dir, model_cfg, global_step=step)
 
 
 def list_exports(model_dir):
@@ -111,27 +106,12 @@ def list_exports(model_dir):
                 if d.rstrip("/").isdigit())
 
 
-def _export_to(final, tmp, model, model_cfg, step):
-  """export_saved_model into `tmp`, then renamed to `final` (replacing an export there), so a
-  crash never leaves a partial SavedModel under `final`. A failed write (full or read-only
-  disk) raises checkpoints.StorageError and leaves no temporary files."""
-  with checkpoints.writing(f"SavedModel {final}"):
-    try:
-      tf.io.gfile.makedirs(os.path.dirname(tmp) or ".")
-      if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
-      export_saved_model(model, tmp, model_cfg, step)
-      if tf.io.gfile.exists(final):
-        # Re-export of a step: move the old one aside first (rename cannot replace a directory).
-        stale = tmp + ".old"
-        tf.io.gfile.rename(final, stale)
-        tf.io.gfile.rename(tmp, final)
-        tf.io.gfile.rmtree(stale)
-      else:
-        tf.io.gfile.rename(tmp, final)
-    finally:
-      if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
+def _export_to(path, model, model_cfg, step):
+  """export_saved_model through files.replacing: a crash never leaves a partial SavedModel at
+  `path`, and a failed write (full or read-only disk) raises files.StorageError and leaves no
+  temporary files."""
+  with files.replacing(path, f"SavedModel {path}") as tmp:
+    export_saved_model(model, tmp, model_cfg, step)
 
 
 def export_run(model, model_dir, model_cfg: ModelConfig, step, keep_hub_module_max=1):
@@ -143,8 +123,7 @@ def export_run(model, model_dir, model_cfg: ModelConfig, step, keep_hub_module_m
   """
   parent = os.path.join(model_dir, EXPORT_SUBDIR)
   final = os.path.join(parent, str(int(step)))
-  _export_to(final, os.path.join(parent, f".tmp-{int(step)}-{os.getpid()}"), model, model_cfg,
-             step)
+  _export_to(final, model, model_cfg, step)
   if keep_hub_module_max > 0:
     for old in list_exports(model_dir)[:-keep_hub_module_max]:
       tf.io.gfile.rmtree(os.path.join(parent, str(old)))
@@ -177,14 +156,6 @@ class TrainableTFSMLayer(keras.layers.TFSMLayer):
         shape=weight.shape, name=name))
 
 
-def load_config(export_dir) -> ModelConfig:
-  """The ModelConfig a tf_simclr SavedModel was exported with."""
-  with tf.io.gfile.GFile(os.path.join(export_dir, CONFIG_FILE)) as f:
-    config = json.load(f)
-  fields = {f.name for f in dataclasses.fields(ModelConfig)}
-  return ModelConfig(**{k: v for k, v in config.items() if k in fields})
-
-
 # --------------------------------------------------------------------------- CLI
 
 def _main(argv):
@@ -194,20 +165,17 @@ def _main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   FLAGS = flags.FLAGS
   try:
-    prefix = checkpoints.resolve_weights(FLAGS.checkpoint or FLAGS.model_dir)
-    fields = checkpoints.read_model_config(FLAGS.model_dir)
+    # The checkpoint's own config describes it (a prefix in model_dir: model_dir's).
+    model, cfg, prefix = pretrained.load_pretrained(FLAGS.checkpoint or FLAGS.model_dir,
+                                                    {"fine_tune_after_block": -1})
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e))
-  fields.setdefault("num_classes", checkpoints.checkpoint_num_classes(prefix))
-  cfg = ModelConfig(**dict(fields, fine_tune_after_block=-1))
-  model = build_model(cfg)
-  checkpoints.restore_model(prefix, model)
   step = checkpoints.checkpoint_step(prefix)
   if FLAGS.output:
     if tf.io.gfile.exists(FLAGS.output):
       raise app.UsageError(f"--output={FLAGS.output} exists; remove it or choose another")
     path = FLAGS.output.rstrip("/")
-    _export_to(path, f"{path}.tmp-{os.getpid()}", model, cfg, step)
+    _export_to(path, model, cfg, step)
   else:
     path = export_run(model, FLAGS.model_dir, cfg, step,
                       keep_hub_module_max=FLAGS.keep_hub_module_max)
@@ -217,9 +185,11 @@ def _main(argv):
 
 def main():
   from absl import app, flags
-  flags.DEFINE_string("model_dir", None, "A tf_simclr run: its flags.json gives the architecture.")
+  flags.DEFINE_string("model_dir", None, "A tf_simclr run: its tf_simclr_config.json gives the "
+                      "architecture.")
   flags.DEFINE_string("checkpoint", None,
-                      "Checkpoint prefix to export (default: the run's latest checkpoint).")
+                      "Checkpoint prefix to export (default: the run's latest checkpoint); "
+                      "the config file of its directory describes it.")
   flags.DEFINE_string("output", None,
                       "SavedModel directory to write (default: <model_dir>/saved_model/<step>).")
   flags.DEFINE_integer("keep_hub_module_max", 0,

@@ -33,7 +33,7 @@ def define_architecture_flags(flag_values=flags.FLAGS, names=NAMES, override_of=
     flag, default, help_text = name, kind, _HELP[name]
     if override_of:
       flag, default = f"{override_of}_{name}", None
-      help_text = f"Override of the {override_of}'s {name} (default: its flags.json)."
+      help_text = f"Override of the {override_of}'s {name} (default: its model config)."
     if name == "proj_head_mode":
       flags.DEFINE_enum(flag, default, list(PROJ_HEAD_MODES), help_text, flag_values=flag_values)
     elif isinstance(kind, int):

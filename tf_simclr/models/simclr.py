@@ -14,6 +14,7 @@ OUTPUT_NAMES = ("initial_conv", "initial_max_pool", "block_group1", "block_group
                 "proj_head_output", "logits_sup")
 
 
+@keras.saving.register_keras_serializable(package="tf_simclr")
 class SimCLRModel(keras.Model):
   """Float images in [0, 1], [B, H, W, 3] -> dict of OUTPUT_NAMES.
 
@@ -41,6 +42,16 @@ class SimCLRModel(keras.Model):
     outputs["proj_head_output"] = hiddens[-1]
     outputs["logits_sup"] = self.supervised_head(head_input, training=training)
     return outputs
+
+  def get_config(self):
+    return {**super().get_config(), "model_config": self.cfg.to_dict(),
+            "linear_eval_head": self.linear_eval_head}
+
+  @classmethod
+  def from_config(cls, config):
+    """An unbuilt model of get_config's config (build_model builds one)."""
+    config = dict(config)
+    return cls(ModelConfig.from_dict(config.pop("model_config")), **config)
 
 
 def build_model(cfg: ModelConfig, linear_eval_head=False) -> SimCLRModel:

@@ -7,12 +7,10 @@ leaves variables wrong in Keras 3 (see the notes on checkpoints).
 
 Storage faults: every reader first checks that a checkpoint reads back completely
 (verify_checkpoint), resuming falls back to the newest complete one (latest_usable), and a
-failed write leaves nothing behind (writing). They raise StorageError, whose message is the one
-line programs print instead of a traceback.
+failed write leaves nothing behind (tf_simclr.files.writing). They raise StorageError, whose
+message is the one line programs print instead of a traceback.
 """
 
-import contextlib
-import json
 import os
 import re
 import sys
@@ -22,29 +20,19 @@ import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import trackable_object_graph_pb2
 
+from tf_simclr.files import StorageError, error_reason, writing
+
 CHECKPOINT_PREFIX = "ckpt"
 MODEL_PARTS = ("resnet", "projection_head", "supervised_head")
+OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 
 
 class ArchitectureMismatchError(ValueError):
   """A checkpoint's variables do not fit the model it is restored into."""
 
 
-class StorageError(RuntimeError):
-  """A checkpoint, export or result that cannot be written or read back; the message names the
-  file and what is wrong."""
-
-
 class DamagedCheckpointError(StorageError):
   """A checkpoint whose files are missing, truncated or corrupt."""
-
-
-def _reason(error):
-  """What an I/O error says without the path and op decorations TF adds ("path; No space
-  left on device [Op:SaveV2]")."""
-  message = getattr(error, "message", None) or str(error)
-  message = re.sub(r"\{\{.*?\}\}\s*|\s*\[Op:\w+\]", "", message.splitlines()[0])
-  return message.rsplit("; ", 1)[-1]
 
 
 def _data_file(prefix, message=""):
@@ -70,7 +58,7 @@ def verify_checkpoint(prefix: str):
   try:
     reader = tf.train.load_checkpoint(prefix)
   except tf.errors.OpError as e:
-    damaged(f"{index} cannot be read ({_reason(e)})")
+    damaged(f"{index} cannot be read ({error_reason(e)})")
   for key in reader.get_variable_to_shape_map():
     try:
       reader.get_tensor(key)
@@ -158,21 +146,6 @@ def latest_usable(manager: tf.train.CheckpointManager, is_chief=True):
   return prefix
 
 
-@contextlib.contextmanager
-def writing(what, *leftovers):
-  """Turns a write that fails (full or read-only disk) into StorageError("could not write
-  <what>: <reason>"), after removing `leftovers`: paths or glob patterns of what it left."""
-  try:
-    yield
-  except (OSError, tf.errors.OpError) as e:
-    for pattern in leftovers:
-      for path in tf.io.gfile.glob(pattern):
-        # A cleanup that fails must not hide why the write failed.
-        with contextlib.suppress(OSError, tf.errors.OpError):
-          (tf.io.gfile.rmtree if tf.io.gfile.isdir(path) else tf.io.gfile.remove)(path)
-    raise StorageError(f"could not write {what}: {_reason(e)}") from e
-
-
 def save_checkpoint(manager: tf.train.CheckpointManager, step):
   """manager.save numbered `step`. A failed write raises StorageError after removing what it
   left (the temporary directory, a new checkpoint's files, the state file's temporary);
@@ -221,6 +194,27 @@ def _first_variable(obj, seen=None):
   return None
 
 
+def object_graph(reader):
+  """The object graph of the checkpoint `reader` reads (tf.train.load_checkpoint), or None
+  for a name-based (TF1) checkpoint, which has none."""
+  if not reader.has_tensor(OBJECT_GRAPH_KEY):
+    return None
+  graph = trackable_object_graph_pb2.TrackableObjectGraph()
+  graph.ParseFromString(reader.get_tensor(OBJECT_GRAPH_KEY))
+  return graph
+
+
+def child_ids(node) -> dict:
+  """{local name: node id} of an object graph node's children."""
+  return {c.local_name: c.node_id for c in node.children}
+
+
+def variable_key(node):
+  """The checkpoint key of an object graph node's value if it is a variable, else None."""
+  keys = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
+  return keys[0] if keys else None
+
+
 def check_compatible(prefix: str, model, parts=MODEL_PARTS):
   """Raises ArchitectureMismatchError naming the first variable of `model.<parts>` that the
   checkpoint lacks or holds with another shape (with both shapes).
@@ -229,8 +223,7 @@ def check_compatible(prefix: str, model, parts=MODEL_PARTS):
   check sees exactly what `tf.train.Checkpoint.read` would match.
   """
   reader = tf.train.load_checkpoint(prefix)
-  graph = trackable_object_graph_pb2.TrackableObjectGraph()
-  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+  graph = object_graph(reader)
   saved_shapes = reader.get_variable_to_shape_map()
 
   def fail(message):
@@ -242,15 +235,15 @@ def check_compatible(prefix: str, model, parts=MODEL_PARTS):
     seen.add(id(obj))
     node = graph.nodes[node_id]
     if _is_variable(obj):
-      keys = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"]
-      if not keys:
+      key = variable_key(node)
+      if key is None:
         fail(f"it holds no value for variable {obj.path}")
-      saved = list(saved_shapes[keys[0]])
+      saved = list(saved_shapes[key])
       if saved != list(obj.shape):
         fail(f"variable {obj.path} has shape {saved} in the checkpoint but "
              f"{list(obj.shape)} in the model")
       return
-    saved_children = {c.local_name: c.node_id for c in node.children}
+    saved_children = child_ids(node)
     for name, child in _children(obj).items():
       if name in saved_children:
         walk(child, saved_children[name], seen)
@@ -259,10 +252,10 @@ def check_compatible(prefix: str, model, parts=MODEL_PARTS):
         if missing is not None:
           fail(f"it has no variable {missing.path} (is it a run of another architecture?)")
 
-  root = {c.local_name: c.node_id for c in graph.nodes[0].children}
+  root = child_ids(graph.nodes[0]) if graph else {}
   if "model" not in root:
     fail("it holds no model (was it written by tf_simclr?)")
-  model_node = {c.local_name: c.node_id for c in graph.nodes[root["model"]].children}
+  model_node = child_ids(graph.nodes[root["model"]])
   seen = set()
   for part in parts:
     if part not in model_node:
@@ -292,13 +285,7 @@ def checkpoint_step(prefix: str) -> int:
 # A tf_simclr SavedModel (tf_simclr.export) tracks the Keras model as `model` from its root,
 # so its variables checkpoint restores with the same object-graph walk as a training one.
 
-SAVED_MODEL_CONFIG = "tf_simclr_config.json"
-ARCHITECTURE_FIELDS = ("resnet_depth", "width_multiplier", "sk_ratio", "se_ratio",
-                       "batch_norm_decay", "global_bn", "image_size", "proj_head_mode",
-                       "proj_out_dim", "num_proj_layers", "ft_proj_selector", "num_classes")
-
-
-def _saved_model_variables(path):
+def saved_model_variables(path):
   """`<path>/variables/variables` if path is a SavedModel directory, else None."""
   if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
     return os.path.join(path, "variables", "variables")
@@ -309,49 +296,26 @@ def resolve_weights(path: str) -> str:
   """Like resolve_checkpoint, and also accepts a SavedModel directory (returns the prefix of
   its variables, which restore_model reads like any tf_simclr checkpoint)."""
   if tf.io.gfile.isdir(path):
-    prefix = _saved_model_variables(path)
+    prefix = saved_model_variables(path)
     if prefix is not None:
       verify_checkpoint(prefix)
       return prefix
   return resolve_checkpoint(path)
 
 
-def read_model_config(path: str) -> dict:
-  """Architecture fields (a subset of ARCHITECTURE_FIELDS) of a model_dir (its flags.json),
-  a checkpoint prefix in a model_dir, or a tf_simclr SavedModel (its tf_simclr_config.json,
-  also from its variables prefix). num_classes is there only for SavedModels."""
-  path = path.rstrip("/")
-  directory = path
-  if not tf.io.gfile.isdir(path):
-    # <saved_model>/variables/variables, or a checkpoint prefix in its model_dir
-    directory = os.path.dirname(path)
-    if os.path.basename(directory) == "variables":
-      directory = os.path.dirname(directory)
-  for name in (SAVED_MODEL_CONFIG, "flags.json"):
-    file = os.path.join(directory, name)
-    if tf.io.gfile.exists(file):
-      with tf.io.gfile.GFile(file) as f:
-        values = json.load(f)
-      fields = {k: values[k] for k in ARCHITECTURE_FIELDS if k in values}
-      if name == "flags.json":
-        fields.pop("num_classes", None)  # a run's classes come from its data, not its flags
-      return fields
-  raise FileNotFoundError(f"no {SAVED_MODEL_CONFIG} or flags.json for {path}: pass the "
-                          "architecture explicitly")
-
-
 def checkpoint_num_classes(prefix: str) -> int:
   """Classes of the supervised head saved in a tf_simclr checkpoint or SavedModel."""
   reader = tf.train.load_checkpoint(prefix)
-  graph = trackable_object_graph_pb2.TrackableObjectGraph()
-  graph.ParseFromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+  graph = object_graph(reader)
+  if graph is None:
+    raise ArchitectureMismatchError(f"checkpoint {prefix} holds no model (was it written by "
+                                    "tf_simclr?)")
   node = graph.nodes[0]
   # Keras 3 Dense tracks its kernel as `_kernel`.
   for names in (("model",), ("supervised_head",), ("dense",), ("_kernel", "kernel")):
-    children = {c.local_name: c.node_id for c in node.children}
+    children = child_ids(node)
     found = [n for n in names if n in children]
     if not found:
       raise ArchitectureMismatchError(f"checkpoint {prefix} has no supervised head")
     node = graph.nodes[children[found[0]]]
-  key = [a.checkpoint_key for a in node.attributes if a.name == "VARIABLE_VALUE"][0]
-  return int(reader.get_variable_to_shape_map()[key][-1])
+  return int(reader.get_variable_to_shape_map()[variable_key(node)][-1])
