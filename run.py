@@ -9,12 +9,13 @@ module that reads absl FLAGS: it turns them into the config dataclasses of tf_si
 
 import json
 import os
+import re
 import sys
 
 import tf_simclr  # noqa: F401  (quiets TensorFlow's start-up logging)
 from absl import app, flags, logging
 
-from tf_simclr import model_flags
+from tf_simclr import model_flags, objectives
 from tf_simclr.config import (DataConfig, DistillConfig, ModelConfig, TrainConfig,
                               resolve_recompute_block_groups)
 
@@ -22,7 +23,7 @@ from tf_simclr.config import (DataConfig, DistillConfig, ModelConfig, TrainConfi
 
 flags.DEFINE_enum("mode", "train", ["train", "eval", "train_then_eval"],
                   "train, evaluate every checkpoint of model_dir, or both.")
-flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune", "distill"],
+flags.DEFINE_enum("train_mode", "pretrain", list(objectives.names()),
                   "SimCLRv2 stage: contrastive pretraining, supervised fine-tuning, or "
                   "distillation from a teacher on unlabelled data.")
 flags.DEFINE_string("model_dir", None, "Where checkpoints, summaries, results and exports go.")
@@ -48,6 +49,9 @@ flags.DEFINE_integer("train_labels_per_class", 0,
                      "(class-balanced, seeded; ImageNet's 1%/10% have ~13/~128 per class).")
 flags.DEFINE_float("color_jitter_strength", 1.0, "Strength s of the colour distortion.")
 flags.DEFINE_bool("use_blur", True, "Gaussian blur in pretraining augmentation.")
+flags.DEFINE_float("crop_min_area", 0.08,
+                   "Smallest share of the image a random training crop covers (the paper's "
+                   "Inception crop: 0.08; 1 keeps the whole image, flip only).")
 flags.DEFINE_string("resize_method", "bicubic",
                     "Resampling of training crops and eval views: bicubic (the reference's) or "
                     "bilinear (aligned corners, a faster input pipeline).")
@@ -89,6 +93,15 @@ flags.DEFINE_enum("optimizer", "lars", ["lars", "momentum", "adam"], "Optimizer.
 flags.DEFINE_float("momentum", 0.9, "Momentum of lars and momentum optimizers.")
 flags.DEFINE_float("temperature", 0.1, "NT-Xent temperature.")
 flags.DEFINE_bool("hidden_norm", True, "L2-normalise projections in NT-Xent.")
+flags.DEFINE_integer("memory_size", 0,
+                     "SimCLRv2's memory: this many buffered negatives (both views of earlier "
+                     "global batches, from a moving-average copy of the network); 0: none.")
+flags.DEFINE_float("memory_momentum", 0.999, "EMA rate of the memory network's weights.")
+flags.DEFINE_bool("knn_monitor", False,
+                  "At every evaluation, weighted kNN top-1 of the trunk's pooled features (eval "
+                  "split against the unaugmented training split): eval/knn_top_1_accuracy.")
+flags.DEFINE_integer("knn_k", 200, "Neighbours of the kNN monitor.")
+flags.DEFINE_float("knn_temperature", 0.1, "Temperature of the kNN monitor's weights.")
 flags.DEFINE_bool("lineareval_while_pretraining", True,
                   "Train a linear head on stop-gradient features during pretraining.")
 flags.DEFINE_string("checkpoint", None,
@@ -108,8 +121,7 @@ flags.DEFINE_integer("eval_timeout_secs", 0,
 # Distillation.
 flags.DEFINE_string("teacher_checkpoint", None,
                     "Teacher of --train_mode=distill: a tf_simclr model_dir, checkpoint or "
-                    "SavedModel; its architecture is read from the teacher run's flags.json "
-                    "(or the SavedModel's config).")
+                    "SavedModel; its architecture is read from its tf_simclr_config.json.")
 flags.DEFINE_float("distill_temperature", 1.0, "Temperature tau of teacher and student.")
 flags.DEFINE_float("distill_alpha", 1.0,
                    "The paper's alpha: weight of the distillation loss; the labelled subset's "
@@ -135,8 +147,8 @@ FLAGS = flags.FLAGS
 RUN_IDENTITY = ("train_mode", "dataset", *model_flags.NAMES)
 
 
-def model_config(num_classes, overrides=None) -> ModelConfig:
-  values = dict(
+def model_config(num_classes) -> ModelConfig:
+  return ModelConfig(
       **model_flags.architecture_from_flags(),
       batch_norm_decay=FLAGS.batch_norm_decay, global_bn=FLAGS.global_bn,
       num_classes=num_classes,
@@ -145,8 +157,6 @@ def model_config(num_classes, overrides=None) -> ModelConfig:
       update_frozen_bn=FLAGS.update_frozen_bn,
       recompute_block_groups=resolve_recompute_block_groups(
           FLAGS.recompute_block_groups, FLAGS.precision))
-  values.update(overrides or {})
-  return ModelConfig(**values)
 
 
 def data_config() -> DataConfig:
@@ -154,7 +164,7 @@ def data_config() -> DataConfig:
       dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, train_split=FLAGS.train_split,
       eval_split=FLAGS.eval_split, image_size=FLAGS.image_size,
       color_jitter_strength=FLAGS.color_jitter_strength, use_blur=FLAGS.use_blur,
-      resize_method=FLAGS.resize_method,
+      resize_method=FLAGS.resize_method, crop_min_area=FLAGS.crop_min_area,
       cache_dataset=FLAGS.cache_dataset, train_label_fraction=FLAGS.train_label_fraction,
       train_labels_per_class=FLAGS.train_labels_per_class,
       seed=FLAGS.seed)
@@ -165,53 +175,49 @@ def train_config() -> TrainConfig:
   return TrainConfig(**{name: getattr(FLAGS, name) for name in names})
 
 
+def distill_config() -> DistillConfig:
+  overrides = {name: getattr(FLAGS, f"teacher_{name}") for name in TEACHER_OVERRIDES
+               if getattr(FLAGS, f"teacher_{name}") is not None}
+  return DistillConfig(teacher_checkpoint=FLAGS.teacher_checkpoint or "",
+                       teacher_overrides=overrides,
+                       distill_temperature=FLAGS.distill_temperature,
+                       distill_alpha=FLAGS.distill_alpha)
+
+
 def validate_flags():
   """Flag combinations that cannot work: one clear line each, before any heavy work."""
   if not FLAGS.model_dir:
     raise app.UsageError("--model_dir is required")
-  positive = ("train_batch_size", "eval_batch_size", "keep_checkpoint_max", "image_size",
-              "proj_out_dim", "num_proj_layers")
-  for name in positive:
-    if getattr(FLAGS, name) <= 0:
-      raise app.UsageError(f"--{name} must be > 0, got {getattr(FLAGS, name)}")
-  non_negative = ("train_epochs", "train_steps", "eval_steps", "checkpoint_steps",
-                  "checkpoint_epochs", "steps_per_loop", "warmup_epochs", "weight_decay",
-                  "learning_rate", "num_cpu_replicas", "eval_timeout_secs",
-                  "train_summary_steps")
-  for name in non_negative:
+  for name in ("num_cpu_replicas", "eval_timeout_secs"):
     if getattr(FLAGS, name) < 0:
       raise app.UsageError(f"--{name} must be >= 0, got {getattr(FLAGS, name)}")
-  if FLAGS.train_steps == 0 and FLAGS.train_epochs == 0 and FLAGS.mode != "eval":
-    raise app.UsageError("one of --train_steps or --train_epochs must be > 0")
-  if FLAGS.checkpoint_steps == 0 and FLAGS.checkpoint_epochs == 0:
-    raise app.UsageError("one of --checkpoint_steps or --checkpoint_epochs must be > 0")
-  if FLAGS.temperature <= 0 or FLAGS.distill_temperature <= 0:
-    raise app.UsageError("--temperature and --distill_temperature must be > 0")
-  if not 0 < FLAGS.train_label_fraction <= 1:
-    raise app.UsageError(f"--train_label_fraction must be in (0, 1], got "
-                         f"{FLAGS.train_label_fraction}")
-  if not 0 <= FLAGS.distill_alpha <= 1:
-    raise app.UsageError(f"--distill_alpha must be in [0, 1], got {FLAGS.distill_alpha}")
-  if FLAGS.train_mode == "distill" and FLAGS.distill_alpha == 0:
-    # The old meaning (weight of the labelled loss, 0 = pure distillation) was reversed.
-    raise app.UsageError("--distill_alpha=0 gives the teacher no weight: distill_alpha is the "
-                         "paper's alpha, the weight of the distillation loss (pure distillation "
-                         "is --distill_alpha=1, which older tf_simclr flagfiles wrote as 0)")
+  if FLAGS.knn_k <= 0 or FLAGS.knn_temperature <= 0:
+    raise app.UsageError(f"--knn_k and --knn_temperature must be > 0, got {FLAGS.knn_k} and "
+                         f"{FLAGS.knn_temperature}")
   if FLAGS.train_mode == "pretrain" and FLAGS.fine_tune_after_block != -1:
     raise app.UsageError("--fine_tune_after_block freezes layers, which pretraining does not "
                          "support: use it with --train_mode=finetune")
-  if FLAGS.train_mode == "distill" and not FLAGS.teacher_checkpoint:
-    raise app.UsageError("--train_mode=distill needs --teacher_checkpoint")
   if FLAGS.train_mode != "distill" and FLAGS.teacher_checkpoint:
     raise app.UsageError("--teacher_checkpoint is only used with --train_mode=distill")
-  replicas = max(FLAGS.num_cpu_replicas, 1)
-  if FLAGS.train_batch_size % replicas:
-    raise app.UsageError(f"--train_batch_size={FLAGS.train_batch_size} is not divisible by "
-                         f"--num_cpu_replicas={FLAGS.num_cpu_replicas}")
+  # The configs check their own values, one line each.
   try:
     model_config(num_classes=1).validate()
+    data_config().validate()
+    train_config().validate(num_replicas=max(FLAGS.num_cpu_replicas, 1))
+    if FLAGS.train_mode == "distill":
+      distill_config().validate()
   except ValueError as e:
-    raise app.UsageError(str(e))
+    raise usage_error(e)
+
+
+def usage_error(e):
+  """A config's ValueError as a usage error. Config messages start with the field's name,
+  which is also the flag's: say it as a flag."""
+  message = str(e)
+  name = re.match(r"\w+", message)
+  if name and name.group(0) in FLAGS:
+    message = f"--{message}"
+  return app.UsageError(message)
 
 
 def check_model_dir(model_dir, flag_values):
@@ -237,38 +243,8 @@ def check_model_dir(model_dir, flag_values):
           f"{flag_values[name]!r}: use another --model_dir (or the same flags to resume)")
 
 
-def load_teacher(strategy, num_classes):
-  """The frozen teacher of distillation, restored inside the strategy scope."""
-  from tf_simclr.models.simclr import build_model
-  from tf_simclr.train import checkpoints
-  path = FLAGS.teacher_checkpoint
-  prefix = checkpoints.resolve_weights(path)
-  try:
-    overrides = checkpoints.read_model_config(path)
-  except FileNotFoundError:
-    overrides = {}  # the student's architecture flags then describe the teacher too
-  # How the teacher's BN was run in its own training does not matter for inference here.
-  for name in ("global_bn", "batch_norm_decay", "num_classes"):
-    overrides.pop(name, None)
-  for name in TEACHER_OVERRIDES:
-    if getattr(FLAGS, f"teacher_{name}") is not None:
-      overrides[name] = getattr(FLAGS, f"teacher_{name}")
-  teacher_classes = checkpoints.checkpoint_num_classes(prefix)
-  if teacher_classes != num_classes:
-    raise app.UsageError(f"the teacher {path} predicts {teacher_classes} classes but "
-                         f"--dataset={FLAGS.dataset} has {num_classes}")
-  cfg = model_config(num_classes, dict(overrides, fine_tune_after_block=-1))
-  with strategy.scope():
-    teacher = build_model(cfg)
-  # A teacher with another number of classes fails here, naming the head's variable.
-  checkpoints.restore_model(prefix, teacher)
-  teacher.trainable = False
-  print(f"Teacher: ResNet-{cfg.resnet_depth} {cfg.width_multiplier:g}x from {prefix}", flush=True)
-  return teacher
-
-
 def main(argv):
-  from tf_simclr.train import checkpoints, loop
+  from tf_simclr.train import callbacks, checkpoints, loop
   try:
     run(argv)
   except (app.UsageError, checkpoints.ArchitectureMismatchError, checkpoints.StorageError,
@@ -277,9 +253,9 @@ def main(argv):
     hint = " (run.py --helpshort lists the flags)" if isinstance(e, app.UsageError) else ""
     print(f"run.py: {e}{hint}", file=sys.stderr, flush=True)
     sys.exit(1)
-  except (loop.NonFiniteLossError, loop.Interrupted) as e:
+  except (callbacks.NonFiniteLossError, loop.Interrupted) as e:
     print(f"run.py: {e}", file=sys.stderr, flush=True)
-    sys.exit(2 if isinstance(e, loop.NonFiniteLossError) else 3)
+    sys.exit(2 if isinstance(e, callbacks.NonFiniteLossError) else 3)
 
 
 def run(argv):
@@ -288,15 +264,13 @@ def run(argv):
   # Progress goes to stdout; TFDS's per-call INFO lines would drown it.
   logging.set_verbosity(logging.WARNING)
   validate_flags()
-  # This run's own flags (not absl's): what flags.json records and distill reads back.
+  # This run's own flags (not absl's): what flags.json records.
   flag_values = {f.name: f.value for f in FLAGS.get_key_flags_for_module(sys.argv[0])}
   check_model_dir(FLAGS.model_dir, flag_values)
 
-  import keras
-  import tensorflow as tf
-  from tf_simclr import strategy as strategy_lib
+  from tf_simclr import files, strategy as strategy_lib
   from tf_simclr.data import datasets
-  from tf_simclr.train import checkpoints, loop
+  from tf_simclr.train import callbacks, checkpoints, loop
 
   try:
     strategy = strategy_lib.build_strategy(
@@ -304,11 +278,6 @@ def run(argv):
         FLAGS.num_cpu_replicas, FLAGS.tpu, FLAGS.tpu_zone, FLAGS.gcp_project)
   except ValueError as e:  # e.g. --num_cpu_replicas with another strategy, bad TF_CONFIG
     raise app.UsageError(str(e))
-  keras.utils.set_random_seed(FLAGS.seed)
-  if FLAGS.deterministic:
-    tf.config.experimental.enable_op_determinism()
-  if FLAGS.precision != "float32":
-    keras.mixed_precision.set_global_policy(FLAGS.precision)
 
   data_cfg = data_config()
   try:
@@ -317,11 +286,9 @@ def run(argv):
   except ValueError as e:
     raise app.UsageError(str(e))
   is_chief = strategy_lib.is_chief(strategy)
-  if is_chief:
-    loop.write_json_atomic(os.path.join(FLAGS.model_dir, "flags.json"), flag_values)
-
-  teacher = load_teacher(strategy, info.num_classes) if FLAGS.train_mode == "distill" else None
   model_cfg = model_config(info.num_classes)
+  if is_chief:
+    files.write_json_atomic(os.path.join(FLAGS.model_dir, "flags.json"), flag_values)
 
   def export_fn(model, step):
     from tf_simclr import export
@@ -329,23 +296,22 @@ def run(argv):
     print(f"Exported SavedModel {path}", flush=True)
 
   spec = loop.RunSpec(
-      strategy=strategy, model_dir=FLAGS.model_dir, model_cfg=model_cfg,
+      strategy=strategy, model_dir=FLAGS.model_dir, model_cfg=model_cfg, data_cfg=data_cfg,
+      train_cfg=train_config(), distill_cfg=distill_config(), is_chief=is_chief)
+  run_callbacks = callbacks.default_callbacks(
+      FLAGS.model_dir, is_chief=is_chief, summary_steps=FLAGS.train_summary_steps,
       export_fn=export_fn if FLAGS.keep_hub_module_max > 0 else None,
-      data_cfg=data_cfg, train_cfg=train_config(),
-      distill_cfg=DistillConfig(teacher_checkpoint=FLAGS.teacher_checkpoint or "",
-                                distill_temperature=FLAGS.distill_temperature,
-                                distill_alpha=FLAGS.distill_alpha),
-      is_chief=is_chief)
+      knn_monitor=(callbacks.KnnMonitor(FLAGS.knn_k, FLAGS.knn_temperature)
+                   if FLAGS.knn_monitor else None))
   try:
-    trainer = loop.Trainer(spec, teacher=teacher, info=info)
-  except ValueError as e:  # batch sizes that do not fit the data or the replicas
-    raise app.UsageError(str(e))
+    trainer = loop.Trainer(spec, callbacks=run_callbacks, info=info)
+  except ValueError as e:  # batch sizes that do not fit the data or the replicas, a teacher
+    raise usage_error(e)  # that does not fit the data
 
   if FLAGS.mode in ("train", "train_then_eval"):
     step = trainer.restore_or_initialize()
     if step == 0 and FLAGS.checkpoint:
-      trainer.initialize_from(checkpoints.resolve_weights(FLAGS.checkpoint),
-                              FLAGS.zero_init_logits_layer)
+      trainer.initialize_from(checkpoints.resolve_weights(FLAGS.checkpoint))
     trainer.train(step)
     if FLAGS.mode == "train_then_eval":
       trainer.evaluate()

@@ -4,7 +4,7 @@
       --precision=mixed_bfloat16 --steps=5 --json
 
 The step is exactly run.py's: a `tf_simclr.train.loop.Trainer` builds model, LARS (or the
-preset's optimizer), metrics and the multi-step `tf.function` (`Trainer._make_train_loop`),
+preset's optimizer), metrics and the multi-step `tf.function` (`Trainer.make_train_loop`),
 which then runs on one random batch held in memory (`tf.data.Dataset.from_tensors(...)
 .repeat()`), so the input pipeline (augmentation, blur) is NOT part of the timing; see
 benchmarks/input_pipeline.py for that. After tracing and --warmup_steps, every timed call runs
@@ -33,6 +33,7 @@ from absl import app, flags
 from timing import peak_rss_mb, print_step_summary, step_summary
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tf_simclr import objectives  # noqa: E402  pylint: disable=wrong-import-position
 
 PRESETS = {
     # name: (ModelConfig overrides, batch size, classes, training examples)
@@ -43,7 +44,7 @@ PRESETS = {
 }
 
 flags.DEFINE_enum("preset", "cifar_r18", list(PRESETS), "Model and batch of the benchmark.")
-flags.DEFINE_enum("train_mode", "pretrain", ["pretrain", "finetune", "distill"],
+flags.DEFINE_enum("train_mode", "pretrain", list(objectives.names()),
                   "Objective (distill: a frozen teacher of the same architecture).")
 flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
                   "Keras global dtype policy, set before the model is built (as run.py).")
@@ -179,9 +180,11 @@ def main(_):
                       data_cfg=DataConfig(image_size=size), train_cfg=train_cfg,
                       distill_cfg=DistillConfig())
   info = DatasetInfo(num_classes, num_examples, num_examples, 10_000)
-  trainer = loop.Trainer(spec, teacher=teacher, info=info)
+  objective = (objectives.get("distill")(spec, teacher=teacher) if teacher is not None
+               else None)
+  trainer = loop.Trainer(spec, objective=objective, info=info)
 
-  views = 2 if FLAGS.train_mode == "pretrain" else 1
+  views = trainer.objective.views
   rng = np.random.default_rng(0)
   batch = {
       "image": tf.constant(rng.random((batch_size, size, size, 3 * views), np.float32)),
@@ -189,7 +192,7 @@ def main(_):
   }
   iterator = iter(strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensors(batch).repeat()))
-  train_loop = trainer._make_train_loop()  # pylint: disable=protected-access
+  train_loop = trainer.make_train_loop()
 
   def run(num_steps):
     train_loop(iterator, None, tf.constant(num_steps))
@@ -234,7 +237,7 @@ def main(_):
     # One step, traced (not run) as the loop's body runs it; the graph also holds the
     # backward pass and the optimizer update.
     spec_in = {k: tf.TensorSpec(v.shape, v.dtype) for k, v in batch.items()}
-    step_fn = tf.function(lambda b: strategy.run(trainer._train_step, args=(b, None)))  # pylint: disable=protected-access
+    step_fn = tf.function(lambda b: strategy.run(trainer.train_step, args=(b, None)))
     graph = step_fn.get_concrete_function(spec_in).graph
     flops, op_dtypes, unknown = count_graph_flops(graph)
     total = sum(flops.values())

@@ -13,6 +13,7 @@ from tests.test_train import run
 from tf_simclr import losses, strategy as strategy_lib
 from tf_simclr.config import DataConfig, DistillConfig, ModelConfig, TrainConfig
 from tf_simclr.models.simclr import build_model
+from tf_simclr.objectives.distill import Distill
 from tf_simclr.train import loop
 
 MODEL = ModelConfig(resnet_depth=10, width_multiplier=0.125, image_size=16, num_classes=10,
@@ -32,18 +33,18 @@ def trainer(tmp_path, alpha=1.0, steps=3):
                             optimizer="momentum", learning_rate=0.1, warmup_epochs=0,
                             steps_per_loop=steps, checkpoint_steps=steps),
       distill_cfg=DistillConfig(distill_temperature=2.0, distill_alpha=alpha))
-  return loop.Trainer(spec, teacher=teacher)
+  return loop.Trainer(spec, objective=Distill(spec, teacher=teacher))
 
 
 def test_teacher_gets_no_gradient_and_keeps_its_bn_statistics(tmp_path):
   t = trainer(tmp_path)
   # Move the teacher's BN statistics off their initial values, so "unchanged" means something.
-  t.teacher(np.random.rand(8, 16, 16, 3).astype("float32"), training=True)
-  teacher_before = [v.numpy() for v in t.teacher.variables]
+  t.objective.teacher(np.random.rand(8, 16, 16, 3).astype("float32"), training=True)
+  teacher_before = [v.numpy() for v in t.objective.teacher.variables]
   student_before = [v.numpy() for v in t.model.variables]
-  assert not t.teacher.trainable_variables
+  assert not t.objective.teacher.trainable_variables
   t.train(0)
-  for before, v in zip(teacher_before, t.teacher.variables):
+  for before, v in zip(teacher_before, t.objective.teacher.variables):
     np.testing.assert_array_equal(before, v.numpy(), err_msg=v.path)
   moved = [not np.array_equal(b, v.numpy()) for b, v in zip(student_before, t.model.variables)]
   assert sum(moved) > len(moved) // 2
@@ -54,10 +55,10 @@ def test_objective_mixes_distillation_and_labels_with_alpha(tmp_path):
   images = tf.constant(np.random.rand(6, 16, 16, 3), tf.float32)
   labelled = tf.constant(np.random.rand(6, 16, 16, 3), tf.float32)
   labels = tf.constant([0, 1, 2, 3, 4, 5])
-  loss, metrics = t._objective({"image": images, "label": labels},
-                               {"image": labelled, "label": labels})
+  loss, metrics = t.objective.loss(t.model, {"image": images, "label": labels},
+                                   {"image": labelled, "label": labels})
   # Independently: teacher in inference mode, student in training mode (batch statistics).
-  teacher_p = tf.nn.softmax(t.teacher(images, training=False)["logits_sup"] / 2.0)
+  teacher_p = tf.nn.softmax(t.objective.teacher(images, training=False)["logits_sup"] / 2.0)
   student_logp = tf.nn.log_softmax(t.model(images, training=True)["logits_sup"] / 2.0)
   distill = -np.mean(np.sum(teacher_p * student_logp, -1))
   sup_logits = t.model(labelled, training=True)["logits_sup"]
@@ -137,9 +138,9 @@ def test_teacher_with_other_classes_is_a_clear_error(teacher_dir, tmp_path):
   assert "predicts 10 classes but" in out.stderr and "has 3" in out.stderr
 
 
-def test_teacher_without_flags_json_takes_architecture_overrides(teacher_dir, tmp_path):
-  # A bare checkpoint has no flags.json: the student's architecture flags then describe the
-  # teacher, unless --teacher_<name> overrides them.
+def test_teacher_without_model_config_takes_architecture_overrides(teacher_dir, tmp_path):
+  # A bare checkpoint has no tf_simclr_config.json: the student's architecture flags then
+  # describe the teacher, unless --teacher_<name> overrides them.
   prefix = tf.train.latest_checkpoint(teacher_dir)
   os.makedirs(tmp_path / "bare")
   for f in glob.glob(prefix + ".*"):

@@ -32,6 +32,8 @@ TINY = ["--dataset=fashion_mnist", "--train_split=train[:2048]", "--eval_split=t
         "--steps_per_loop=1", "--checkpoint_steps=1", "--train_summary_steps=1",
         "--warmup_epochs=0"]
 PRETRAIN = ["--train_mode=pretrain", "--train_steps=3", "--learning_rate=0.5"]
+# SimCLRv2's memory: 96 negatives, 1.5 global batches of both views (the buffer wraps).
+MEMORY = [*PRETRAIN, "--memory_size=96", "--memory_momentum=0.9"]
 FINETUNE = ["--train_mode=finetune", "--train_steps=1", "--optimizer=momentum",
             "--learning_rate=0.1", "--ft_proj_selector=1"]
 DISTILL = ["--train_mode=distill", "--train_steps=1", "--optimizer=lars",
@@ -113,7 +115,7 @@ def runs(tmp_path_factory):
   of their time in single-threaded tracing, so several at once use the 2 cores better)."""
   d = {k: str(tmp_path_factory.mktemp(k)) for k in
        ("pretrain1", "pretrain4", "pretrain1_kernels", "mw", "ft1", "ft4", "d1", "d4",
-        "d1_kernels")}
+        "d1_kernels", "memory1", "memory4")}
   log = os.path.join(d["mw"] + "_workers.log")
   results = {}
 
@@ -143,7 +145,9 @@ def runs(tmp_path_factory):
            "d1": start(*distill, f"--model_dir={d['d1']}"),
            "d4": start(*distill, "--num_cpu_replicas=4", f"--model_dir={d['d4']}"),
            "d1_kernels": start(*distill, f"--model_dir={d['d1_kernels']}",
-                               env=dict(ENV, TF_ENABLE_ONEDNN_OPTS="0"))}
+                               env=dict(ENV, TF_ENABLE_ONEDNN_OPTS="0")),
+           "memory1": start(*MEMORY, f"--model_dir={d['memory1']}"),
+           "memory4": start(*MEMORY, "--num_cpu_replicas=4", f"--model_dir={d['memory4']}")}
   out["pretrain4"] = finish(p4)
   thread.join()
   with open(log) as f:
@@ -160,6 +164,27 @@ def runs(tmp_path_factory):
   for name, proc in procs.items():
     out[name] = finish(proc)
   return d, out, results
+
+
+def test_memory_pretraining_1_vs_4_replicas(runs):
+  """The buffer takes the all-gathered global batch: after step 1 the buffer, its position
+  and the memory network agree as the model does, and step 2's loss, whose denominators run
+  over that buffer, agrees too."""
+  d, out, _ = runs
+  assert replicas_of(out["memory4"]) == 4
+  names = variables(os.path.join(d["memory4"], "ckpt-1"))
+  assert any("memory/memory_buffer" in k for k in names)
+  assert any("memory/memory_position" in k for k in names)
+  assert any(k.startswith("memory_network/") for k in names)
+  assert_same_step(d["memory1"], d["memory4"], out["memory1"], out["memory4"], step=1)
+  l1, l4 = losses(out["memory1"]), losses(out["memory4"])
+  assert l1[2] == pytest.approx(l4[2], rel=1e-3)
+  # The memory changes the loss: the same run without it (pretrain1) differs at step 2.
+  assert abs(l1[2] - losses(out["pretrain1"])[2]) > 1e-2
+  # The export is the model alone: neither the buffer nor the memory network.
+  (export,) = glob.glob(os.path.join(d["memory1"], "saved_model", "*"))
+  exported = variables(os.path.join(export, "variables", "variables"))
+  assert len(exported) > 50 and not any("memory" in k for k in exported)
 
 
 def test_pretrain_step_1_vs_4_replicas(runs):
@@ -251,7 +276,7 @@ def test_only_the_chief_writes_and_one_device_restores(runs):
 
 ERRORS = [
     (["--num_cpu_replicas=4", "--train_batch_size=66"],
-     "--train_batch_size=66 is not divisible by --num_cpu_replicas=4"),
+     "--train_batch_size=66 is not divisible by the 4 replicas"),
     (["--num_cpu_replicas=4", "--strategy=one_device"],
      "--num_cpu_replicas=4 needs --strategy=mirrored"),
     (["--strategy=multi_worker"], "--strategy=multi_worker needs TF_CONFIG"),

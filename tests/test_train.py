@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tf_simclr.train import loop
+from tf_simclr.train import evaluation, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def pretrained(tmp_path_factory):
   model_dir = str(tmp_path_factory.mktemp("pretrain"))
   out = run("--train_mode=pretrain", "--mode=train_then_eval", "--train_steps=6",
             "--checkpoint_steps=3", "--learning_rate=0.5", "--warmup_epochs=0",
-            f"--model_dir={model_dir}")
+            "--knn_monitor", "--knn_k=20", f"--model_dir={model_dir}")
   return model_dir, out
 
 
@@ -53,6 +53,10 @@ def test_pretrain_writes_checkpoints_results_and_summaries(pretrained):
   assert res["global_step"] == 6
   assert 0 <= res["eval/label_top_1_accuracy"] <= res["eval/label_top_5_accuracy"] <= 1
   assert res["eval/num_examples"] == 512
+  # The kNN monitor: 512 test images against the 2,048 training images; random features of
+  # this trunk already score well above chance (0.1).
+  assert 0.2 < res["eval/knn_top_1_accuracy"] <= 1
+  assert "kNN monitor: top-1" in out.stdout and "2048 training images" in out.stdout
   with open(os.path.join(model_dir, "result_6.json")) as f:
     assert json.load(f) == res
   with open(os.path.join(model_dir, "flags.json")) as f:
@@ -73,7 +77,7 @@ def test_image_summary_shows_the_first_training_images(pretrained):
   cfg = DataConfig(dataset="fashion_mnist", train_split="train[:2048]", eval_split="test[:512]",
                    image_size=16, cache_dataset=True, seed=1)
   batch = next(iter(pipeline.build_train_dataset(
-      tf.distribute.get_strategy(), cfg, global_batch_size=64, train_mode="pretrain",
+      tf.distribute.get_strategy(), cfg, global_batch_size=64, views=2, contrastive=True,
       subset="all")))
   for view in (1, 2):
     (event,) = events.Tensors(f"augmented_images/view_{view}")
@@ -114,9 +118,11 @@ def test_finetune_from_pretrained_then_distill(pretrained, tmp_path):
 
 def test_eval_mode_evaluates_every_checkpoint(pretrained, tmp_path):
   model_dir, _ = pretrained
-  out = run("--train_mode=pretrain", "--mode=eval", "--train_steps=6",
-            f"--model_dir={model_dir}")
+  out = run("--train_mode=pretrain", "--mode=eval", "--train_steps=6", "--knn_monitor",
+            "--knn_k=20", f"--model_dir={model_dir}")
   assert "eval at step 3" in out.stdout and "eval at step 6" in out.stdout
+  with open(os.path.join(model_dir, "result_3.json")) as f:
+    assert 0 <= json.load(f)["eval/knn_top_1_accuracy"] <= 1
 
 
 def test_resume_continues_from_last_checkpoint(tmp_path):
@@ -142,16 +148,16 @@ def test_resume_continues_from_last_checkpoint(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--ft_proj_selector=4"], "ft_proj_selector=4 must be in -1..3"),
     (["--train_mode=distill", "--teacher_checkpoint=/nonexistent", "--distill_alpha=0"],
-     "--distill_alpha=0 gives the teacher no weight"),
+     "--distill_alpha must be in (0, 1], got 0.0: it is the paper's alpha"),
     (["--mode=train_then_eval", "--eval_split=validation"],
      "has no split 'validation' (splits: test, train)"),
     (["--fine_tune_after_block=5", "--train_mode=finetune"],
      "fine_tune_after_block=5 must be in -1..4"),
     (["--recompute_block_groups=5"], "recompute_block_groups=5 must be in 0..4"),
     (["--train_batch_size=0"], "--train_batch_size must be > 0"),
-    (["--num_cpu_replicas=3"], "not divisible by --num_cpu_replicas=3"),
+    (["--num_cpu_replicas=3"], "not divisible by the 3 replicas"),
     (["--train_label_fraction=1.5"], "--train_label_fraction must be in (0, 1]"),
-    (["--train_mode=distill"], "--train_mode=distill needs --teacher_checkpoint"),
+    (["--train_mode=distill"], "--teacher_checkpoint is required for distillation"),
     (["--fine_tune_after_block=2"], "does not support"),
     (["--dataset=no_such_dataset"], "no_such_dataset"),
 ])
@@ -188,8 +194,8 @@ def test_top_k_correct_breaks_ties_by_class_index_like_argmax():
     # Independently: a stable sort on -logits keeps tied classes in index order.
     top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
     expected = (top == labels[:, None]).any(axis=1).astype(np.float32)
-    np.testing.assert_array_equal(loop.top_k_correct(labels, logits, k), expected)
-  np.testing.assert_array_equal(loop.top_k_correct(labels, logits, 1),
+    np.testing.assert_array_equal(evaluation.top_k_correct(labels, logits, k), expected)
+  np.testing.assert_array_equal(evaluation.top_k_correct(labels, logits, 1),
                                 (logits.argmax(1) == labels).astype(np.float32))
 
 
