@@ -2,22 +2,18 @@
 size and above the bank), the feature bank and kNN accuracy from eval-pipeline datasets on
 one device and on 2 logical CPUs of a MirroredStrategy."""
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.isolated import run_script
 from tf_simclr import knn
 from tf_simclr.config import DataConfig
 from tf_simclr.data import augment, datasets, pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def numpy_knn(queries, bank, labels, num_classes, k, temperature):
@@ -197,11 +193,7 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 
 
 def test_bank_under_mirrored_strategy_equals_one_device():
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
+  out = run_script(_MIRRORED_SCRIPT)
   one, mirrored = out["one"], out["mirrored"]
   assert len(one["features"]) == 45 and len(one["features"][0]) == 6
   np.testing.assert_allclose(mirrored["features"], one["features"], rtol=1e-5, atol=1e-6)

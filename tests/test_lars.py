@@ -1,8 +1,4 @@
 import contextlib
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -10,11 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.isolated import run_script
 from tf_simclr.optim.factory import build_optimizer
 from tf_simclr.optim.lars import LARS
 from tf_simclr.optim.schedules import WarmupCosineDecay
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def var(value, scope="", name="kernel"):
@@ -200,10 +195,6 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
 
 
 def test_lars_under_mirrored_strategy_matches_single_device():
-    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads([l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1][6:])
+    out = run_script(_MIRRORED_SCRIPT)
     assert out["moved"] > 1e-3
     assert out["err"] < 1e-5, out

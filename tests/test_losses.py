@@ -1,8 +1,4 @@
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -10,10 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.isolated import run_script
 from tf_simclr.losses import (contrastive_loss, contrastive_metrics, distillation_loss,
                               supervised_loss, weight_decay_loss)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def numpy_nt_xent(hidden, hidden_norm, temperature, memory=None):
@@ -294,15 +290,6 @@ _DISTRIBUTED_SCRIPT = textwrap.dedent("""
   out["expected_same"] = 2 * math.log(2 * R * n - 1)
   print("RESULT" + json.dumps(out))
 """)
-
-
-def run_script(script):
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
 
 
 def test_global_negatives_under_mirrored_strategy():

@@ -2,10 +2,6 @@
 copy / EMA updates, on one device and on 2 logical CPUs of a MirroredStrategy (replica and
 cross-replica context: every replica's copy must be the same)."""
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -13,11 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests.isolated import run_script
 from tf_simclr import memory
 from tf_simclr.config import ModelConfig
 from tf_simclr.models.simclr import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def normalise(rows):
@@ -214,15 +210,6 @@ _MIRRORED_SCRIPT = textwrap.dedent("""
   out["copied"] = [copies(v) for v in memory_model.weights]
   print("RESULT" + json.dumps(out))
 """)
-
-
-def run_script(script):
-  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
-  return json.loads(line[len("RESULT"):])
 
 
 def test_buffer_and_memory_network_identical_on_every_replica():
