@@ -199,7 +199,7 @@ def test_flip_rate_is_half():
 
 def whole_box(h, w):
   one = lambda v: tf.fill([1, 1], float(v))
-  return augment._pixel_boxes(one(0), one(0), one(h), one(w), one(h), one(w))
+  return augment.pixel_boxes(one(0), one(0), one(h), one(w), one(h), one(w))
 
 
 def image_and_boxes(dtype, h, w, n=64):

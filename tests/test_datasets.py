@@ -107,7 +107,7 @@ def test_fashion_mnist_missing_files_and_offline(tmp_path, monkeypatch):
       raise ConnectionError("no network")
 
   with pytest.raises(RuntimeError, match="apt-get install dataset-fashion-mnist"):
-    datasets._prepare_fashion_mnist(Offline())
+    datasets.prepare_fashion_mnist(Offline())
 
 
 def test_fashion_mnist_wrong_content_is_refused(tmp_path, monkeypatch):
@@ -116,7 +116,7 @@ def test_fashion_mnist_wrong_content_is_refused(tmp_path, monkeypatch):
       f.write(b"not fashion-mnist")
   monkeypatch.setattr(datasets, "FASHION_MNIST_DIR", str(tmp_path))
   with pytest.raises(RuntimeError, match="does not hold the Fashion-MNIST content"):
-    datasets._prepare_fashion_mnist(None)
+    datasets.prepare_fashion_mnist(None)
 
 
 # ------------------------------------------------------------------------------ TFDS

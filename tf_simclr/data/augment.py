@@ -109,10 +109,10 @@ def crop_boxes(u, height, width, area_range=(DataConfig.crop_min_area, 1.0)):
   crop_w = tf.where(found, pick(crop_w), width)
   y0 = tf.floor(u[:, 2 * CROP_ATTEMPTS:2 * CROP_ATTEMPTS + 1] * (height - crop_h))
   x0 = tf.floor(u[:, 2 * CROP_ATTEMPTS + 1:2 * CROP_ATTEMPTS + 2] * (width - crop_w))
-  return _pixel_boxes(y0, x0, crop_h, crop_w, height, width)
+  return pixel_boxes(y0, x0, crop_h, crop_w, height, width)
 
 
-def _pixel_boxes(y0, x0, crop_h, crop_w, height, width):
+def pixel_boxes(y0, x0, crop_h, crop_w, height, width):
   """Boxes covering pixels [y0, y0 + crop_h) x [x0, x0 + crop_w) in crop_and_resize units."""
   # crop_and_resize maps 0 and 1 to the first and last pixel centres; shift the box edges
   # by half a pixel inwards so a crop of the whole image at its own size is the identity.
@@ -122,7 +122,7 @@ def _pixel_boxes(y0, x0, crop_h, crop_w, height, width):
 
 
 def _box_pixels(boxes, height, width):
-  """Inverse of `_pixel_boxes`: [n, 4] first/last pixel indices (y1, x1, y2, x2), float32;
+  """Inverse of `pixel_boxes`: [n, 4] first/last pixel indices (y1, x1, y2, x2), float32;
   x1 > x2 for a mirrored box."""
   ny = tf.maximum(tf.cast(height, tf.float32) - 1.0, 1.0)
   nx = tf.maximum(tf.cast(width, tf.float32) - 1.0, 1.0)
@@ -466,7 +466,7 @@ def view_boxes(u, height, width, cfg: DataConfig, *, contrastive: bool):
   images): the enabled geometric augmentations in order, from the whole image."""
   height, width = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   zero = tf.zeros_like(height)[:, None]
-  boxes = _pixel_boxes(zero, zero, height[:, None], width[:, None], height[:, None], width[:, None])
+  boxes = pixel_boxes(zero, zero, height[:, None], width[:, None], height[:, None], width[:, None])
   for a in active(cfg, contrastive, geometric=True):
     boxes = a.boxes(boxes, u[:, COLUMNS[a.name]], height, width, cfg)
   return boxes

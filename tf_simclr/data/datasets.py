@@ -313,7 +313,7 @@ def tfds_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder
     builder = _builder(name, data_dir)
     if not builder.is_prepared():
       if builder.name == "fashion_mnist":
-        _prepare_fashion_mnist(builder)
+        prepare_fashion_mnist(builder)
       else:
         builder.download_and_prepare()
   # A builder made before the data existed keeps the info it read then (no splits): the
@@ -373,7 +373,9 @@ class _LocalFashionMNIST(tfds_mnist.FashionMNIST, skip_registration=True):
             for url in tfds_mnist.FashionMNIST.url_infos}
 
 
-def _prepare_fashion_mnist(builder):
+def prepare_fashion_mnist(builder):
+  """Prepares Fashion-MNIST in builder's data dir from Debian's package files (checked against
+  their sha256), else by TFDS's download; fails with one line saying what to install."""
   if all(os.path.exists(os.path.join(FASHION_MNIST_DIR, f)) for f in _FASHION_MNIST_SHA256):
     for name, expected in _FASHION_MNIST_SHA256.items():
       with gzip.open(os.path.join(FASHION_MNIST_DIR, name), "rb") as f:
@@ -390,7 +392,6 @@ def _prepare_fashion_mnist(builder):
   except Exception as e:  # any download failure: offline is the common case here
     raise RuntimeError(f"fashion_mnist: no files in {FASHION_MNIST_DIR} and the download failed "
                        f"({type(e).__name__}); {_APT_HINT}") from e
-
 
 
 # ----------------------------------------------------------------------------------------
