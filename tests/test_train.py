@@ -220,3 +220,33 @@ def test_zero_head_scores_the_share_of_class_zero(tmp_path):
   assert result["eval/num_examples"] == 300
   assert result["eval/label_top_1_accuracy"] == pytest.approx(np.mean(labels == 0))
   assert result["eval/label_top_5_accuracy"] == pytest.approx(np.mean(labels < 5))
+
+
+def test_trainer_applies_the_configs_precision_and_seed(tmp_path):
+  """A library caller's TrainConfig decides precision and initial weights; no global state
+  set beforehand does."""
+  import keras
+  from tf_simclr import strategy as strategy_lib
+  from tf_simclr.config import DataConfig, ModelConfig, TrainConfig
+  data = DataConfig(dataset="fashion_mnist", train_split="train[:256]", eval_split="test[:64]",
+                    image_size=16, cache_dataset=True)
+  model = ModelConfig(resnet_depth=10, width_multiplier=0.125, image_size=16, num_classes=10,
+                      proj_out_dim=16, global_bn=False)
+
+  def trainer(precision, seed):
+    spec = loop.RunSpec(strategy=strategy_lib.build_strategy("one_device"),
+                        model_dir=str(tmp_path / f"{precision}_{seed}"), model_cfg=model,
+                        data_cfg=data, train_cfg=TrainConfig(train_batch_size=64, train_steps=1,
+                                                             precision=precision, seed=seed))
+    return loop.Trainer(spec)
+
+  keras.mixed_precision.set_global_policy("float32")
+  bf16 = trainer("mixed_bfloat16", 5)
+  assert bf16.model.resnet.compute_dtype == "bfloat16"
+  assert {v.dtype for v in bf16.model.trainable_variables} == {"float32"}
+  again = trainer("float32", 5)
+  assert again.model.resnet.compute_dtype == "float32"
+  other = trainer("float32", 6)
+  kernel = lambda t: t.model.trainable_variables[0].numpy()  # noqa: E731
+  np.testing.assert_array_equal(kernel(bf16), kernel(again))
+  assert not np.array_equal(kernel(again), kernel(other))
