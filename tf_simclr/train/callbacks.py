@@ -184,9 +184,9 @@ class KnnMonitor(Callback):
 
   def on_evaluate(self, trainer, result):
     from tf_simclr import knn
-    strategy, cfg = trainer.strategy, trainer.spec.train_cfg
-    replicas = strategy.num_replicas_in_sync
-    batch = max(replicas, cfg.eval_batch_size // replicas * replicas)
+    from tf_simclr.train.evaluation import global_eval_batch
+    strategy = trainer.strategy
+    batch = global_eval_batch(strategy, trainer.spec.train_cfg.eval_batch_size)
     data_cfg = trainer.spec.data_cfg
     bank = pipeline.build_eval_dataset(strategy, data_cfg, global_batch_size=batch,
                                        source=trainer.examples("all"))

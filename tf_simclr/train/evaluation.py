@@ -18,12 +18,17 @@ def top_k_correct(labels, logits, k):
   return tf.cast(tf.reduce_any(hits, axis=-1), tf.float32)
 
 
+def global_eval_batch(strategy, eval_batch_size):
+  """eval_batch_size rounded down to a multiple of the replicas (at least one per replica)."""
+  replicas = strategy.num_replicas_in_sync
+  return max(replicas, eval_batch_size // replicas * replicas)
+
+
 def evaluate(model, objective, strategy, data_cfg, *, eval_batch_size, eval_steps, num_classes,
              weight_decay, optimizer_name, step):
   """The eval result dict of `model` at `step` (keys as the reference's result.json)."""
-  replicas = strategy.num_replicas_in_sync
-  batch_size = max(replicas, eval_batch_size // replicas * replicas)
-  dataset = pipeline.build_eval_dataset(strategy, data_cfg, global_batch_size=batch_size)
+  dataset = pipeline.build_eval_dataset(
+      strategy, data_cfg, global_batch_size=global_eval_batch(strategy, eval_batch_size))
 
   def eval_step(batch):
     images = batch["image"]
