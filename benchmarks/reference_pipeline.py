@@ -45,8 +45,10 @@ def main(_):
 
   def augment(example):
     image = tf.io.decode_image(example["image"], channels=3, expand_animations=False)
-    views = [data_util.preprocess_image(image, size, size, is_training=True,
-                                        color_distort=pretrain)
+    # As the reference's data.get_preprocess_fn: colour distortion in pretraining only.
+    views = [data_util.preprocess_image(
+                 image, size, size, is_training=True,
+                 color_jitter_strength=FLAGS.color_jitter_strength if pretrain else 0.0)
              for _ in range(2 if pretrain else 1)]
     return tf.concat(views, -1)
 
