@@ -55,6 +55,10 @@ flags.DEFINE_float("crop_min_area", 0.08,
 flags.DEFINE_string("resize_method", "bicubic",
                     "Resampling of training crops and eval views: bicubic (the reference's) or "
                     "bilinear (aligned corners, a faster input pipeline).")
+flags.DEFINE_enum("augment_on", "auto", ["host", "device", "auto"],
+                  "Where colour distortion and blur run: in the input pipeline (host), or in "
+                  "the training step on the replicas' devices after the host's crops (device); "
+                  "auto: device on GPUs and TPUs, host on CPUs (docs/DATA.md).")
 
 # Model: --resnet_depth, --width_multiplier, --sk_ratio, --se_ratio, --image_size (also the
 # data's), --proj_head_mode, --proj_out_dim, --num_proj_layers, --ft_proj_selector.
@@ -165,6 +169,7 @@ def data_config() -> DataConfig:
       eval_split=FLAGS.eval_split, image_size=FLAGS.image_size,
       color_jitter_strength=FLAGS.color_jitter_strength, use_blur=FLAGS.use_blur,
       resize_method=FLAGS.resize_method, crop_min_area=FLAGS.crop_min_area,
+      augment_on=FLAGS.augment_on,
       cache_dataset=FLAGS.cache_dataset, train_label_fraction=FLAGS.train_label_fraction,
       train_labels_per_class=FLAGS.train_labels_per_class,
       seed=FLAGS.seed)

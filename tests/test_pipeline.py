@@ -171,6 +171,58 @@ def test_pretraining_views_are_colour_distorted(size):
   assert views.min() >= 0.0 and views.max() <= 1.0
 
 
+def test_device_placement_ships_the_hosts_crops_as_uint8_with_their_draws(folder):
+  """On the device placement the host's work stops after the geometric augmentations: its
+  views are the crop + flip views of the same positions (those of the non-contrastive
+  stream), rounded to uint8, shipped with each view's row of draws."""
+  cfg = DataConfig(dataset=f"folder:{folder}", image_size=16, use_blur=True)
+  (shipped,) = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8,
+                                                    on_device=True, **PRETRAIN), 1)
+  (crops,) = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8, views=2,
+                                                  contrastive=False), 1)
+  assert shipped["image"].dtype == np.uint8 and shipped["image"].shape == (8, 16, 16, 6)
+  assert shipped["u"].shape == (8, 2, augment.DRAWS_PER_VIEW)
+  np.testing.assert_array_equal(shipped["label"], crops["label"])
+  np.testing.assert_array_equal(shipped["image"], np.round(crops["image"] * 255))
+  # Without photometric augmentations there is nothing left for the device but the cast.
+  (plain,) = batches(pipeline.build_train_dataset(DEFAULT, cfg, global_batch_size=8,
+                                                  on_device=True, **FINETUNE), 1)
+  assert "u" not in plain and plain["image"].dtype == np.uint8
+
+
+@pytest.mark.parametrize("size", [32, augment.PER_IMAGE_MIN_SIZE])
+def test_device_placement_gives_the_hosts_views(size):
+  """Same draws, same views: with crops that are whole images at their own size (no
+  resampling, so the uint8 rounding is exact), the views the device finishes equal the host
+  placement's to float rounding, below and above PER_IMAGE_MIN_SIZE (where the host
+  distorts per image)."""
+  cfg = DataConfig(image_size=size, crop_min_area=1.0, use_blur=True)
+  rng = np.random.default_rng(2)
+  source = datasets.Examples(rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8),
+                             np.arange(32, dtype=np.int32), "pixels")
+  streams = {on_device: batches(pipeline.build_train_dataset(
+      DEFAULT, cfg, global_batch_size=16, source=source, on_device=on_device, **PRETRAIN), 2)
+             for on_device in (False, True)}
+  for host, shipped in zip(streams[False], streams[True]):
+    device = pipeline.augment_on_device({k: tf.constant(v) for k, v in shipped.items()}, cfg,
+                                        **PRETRAIN)
+    assert set(device) == {"image", "label"} and device["image"].dtype == tf.float32
+    np.testing.assert_array_equal(device["label"], host["label"])
+    np.testing.assert_allclose(device["image"], host["image"], atol=2e-5)
+  assert np.abs(host["image"][..., :3] - host["image"][..., 3:]).max() > 0.1  # distorted
+
+
+def test_augment_placement():
+  gpu = types.SimpleNamespace(extended=types.SimpleNamespace(
+      worker_devices=("/job:localhost/replica:0/task:0/device:GPU:0",)))
+  assert pipeline.augment_placement("auto", DEFAULT) == "host"
+  assert pipeline.augment_placement("auto", gpu) == "device"
+  assert pipeline.augment_placement("host", gpu) == "host"
+  assert pipeline.augment_placement("device", DEFAULT) == "device"
+  with pytest.raises(ValueError, match="augment_on='gpu' is not one of"):
+    DataConfig(augment_on="gpu").validate()
+
+
 def test_errors(folder):
   cfg = DataConfig(dataset=f"folder:{folder}", image_size=16)
   three = types.SimpleNamespace(num_replicas_in_sync=3)
@@ -303,6 +355,20 @@ _TWO_REPLICAS = textwrap.dedent("""
                                             contrastive=True, start_step=1)
         streams.append(batches(strategy, ds, 4))
       result[name] = all(np.array_equal(a[k], b[k]) for a, b in zip(*streams) for k in a)
+    # The device placement: the replicas finish their shares of the shipped batch.
+    cfg = DataConfig(dataset="cifar10", image_size=32, use_blur=True, crop_min_area=1.0)
+    with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
+      host = batches(default, pipeline.build_train_dataset(
+          default, cfg, global_batch_size=8, views=2, contrastive=True, start_step=1), 2)
+      shipped = pipeline.build_train_dataset(mirrored, cfg, global_batch_size=8, views=2,
+                                             contrastive=True, start_step=1, on_device=True)
+    finish = tf.function(lambda b: mirrored.run(
+        lambda x: pipeline.augment_on_device(x, cfg, views=2, contrastive=True), args=(b,)))
+    device = [{k: np.concatenate([t.numpy() for t in mirrored.experimental_local_results(v)])
+               for k, v in finish(x).items()} for x, _ in zip(shipped, range(2))]
+    result["device_placement"] = all(np.allclose(a["image"], b["image"], atol=2e-5)
+                                     and np.array_equal(a["label"], b["label"])
+                                     for a, b in zip(host, device))
     ev = batches(mirrored, pipeline.build_eval_dataset(
         mirrored, DataConfig(dataset="folder:" + sys.argv[1], image_size=16),
         global_batch_size=4), 10)
@@ -319,4 +385,5 @@ def test_one_and_two_replicas_give_the_same_global_batches(folder):
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(run.stdout.strip().splitlines()[-1])
   assert result["files"] and result["pixels"] and result["pixels_bilinear"] and result["per_image"]
+  assert result["device_placement"]
   assert result["eval_shapes"] == [[4, 16, 16, 3]] and result["eval_real"] == 3

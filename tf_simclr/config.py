@@ -123,6 +123,9 @@ def resolve_recompute_block_groups(requested: int, precision: str) -> int:
 
 # Resamplings of crops and eval views; the first is the reference's and the default.
 RESIZE_METHODS = ("bicubic", "bilinear")
+# Where the photometric augmentations run: the input pipeline's host CPU, the training step's
+# devices, or "auto" (devices when they are GPUs or TPUs).
+AUGMENT_PLACEMENTS = ("host", "device", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +144,9 @@ class DataConfig:
   # Resampling of training crops and eval views: "bicubic" (the reference's: pixel centres,
   # clipped to [0, 1]) or "bilinear" (aligned corners; a faster input pipeline).
   resize_method: str = "bicubic"
+  # "device": the host decodes, crops, flips and resizes, and ships uint8 views with their
+  # draws; colour distortion and blur run in the replica's step (tf_simclr.data.pipeline).
+  augment_on: str = "auto"
   cache_dataset: bool = False
   # Class-balanced, seeded subset of the labelled training split (the paper's 1%/10%).
   train_label_fraction: float = 1.0
@@ -168,6 +174,8 @@ class DataConfig:
       raise ValueError(f"crop_min_area must be in (0, 1], got {self.crop_min_area}")
     if self.resize_method not in RESIZE_METHODS:
       raise ValueError(f"resize_method={self.resize_method!r} is not one of {RESIZE_METHODS}")
+    if self.augment_on not in AUGMENT_PLACEMENTS:
+      raise ValueError(f"augment_on={self.augment_on!r} is not one of {AUGMENT_PLACEMENTS}")
 
 
 @dataclasses.dataclass(frozen=True)

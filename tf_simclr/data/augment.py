@@ -149,7 +149,7 @@ def crop_and_resize(images, boxes, size, box_indices=None, method="bicubic"):
     boxes = tf.clip_by_value(boxes, 2.0**-20, 1.0 - 2.0**-20)
     out = tf.image.crop_and_resize(images, boxes, box_indices, [size, size])
   else:
-    out = _bicubic_crops(tf.gather(images, box_indices), boxes, size)
+    out = _bicubic_crops(images, boxes, size, box_indices)
   return _unit_rgb(out, images.dtype, method)
 
 
@@ -184,10 +184,12 @@ def _cubic_taps(start, length, size):
   return index, [w * norm for w in weights]
 
 
-def _bicubic_crops(images, boxes, size):
-  """[n, size, size, C] float32 bicubic resamplings of box i of images[i] (pixel values)."""
+def _bicubic_crops(images, boxes, size, box_indices):
+  """[n, size, size, C] float32 bicubic resamplings of box i of images[box_indices[i]] (pixel
+  values)."""
   shape = tf.shape(images)
-  n, height, width, channels = shape[0], shape[1], shape[2], images.shape[-1]
+  height, width, channels = shape[1], shape[2], images.shape[-1]
+  n = tf.shape(boxes)[0]
   y1, x1, y2, x2 = tf.unstack(_box_pixels(boxes, height, width), axis=1)
   rows, row_w = _cubic_taps(y1, y2 - y1 + 1.0, size)
   cols, col_w = _cubic_taps(tf.minimum(x1, x2), tf.abs(x2 - x1) + 1.0, size)
@@ -195,10 +197,11 @@ def _bicubic_crops(images, boxes, size):
   flip = (x1 > x2)[:, None]
   cols, col_w = ([tf.where(flip, tf.reverse(t, [1]), t) for t in ts] for ts in (cols, col_w))
   # Rows first, then columns, as TF's kernel sums. Gathers of whole rows of the flattened
-  # batch are the fastest; the column pass runs on the transpose.
+  # batch are the fastest; the row pass reads each view's rows straight from its source
+  # image (views of one image share it), the column pass runs on its transpose.
+  x = tf.reshape(tf.cast(images, tf.float32), [-1, width * channels])
+  x = _sum_taps(x, rows, row_w, tf.cast(box_indices, tf.int32)[:, None] * height)
   first = tf.range(n)[:, None]
-  x = tf.reshape(tf.cast(images, tf.float32), [n * height, width * channels])
-  x = _sum_taps(x, rows, row_w, first * height)
   x = tf.transpose(tf.reshape(x, [n, size, width, channels]), [0, 2, 1, 3])
   x = _sum_taps(tf.reshape(x, [n * width, size * channels]), cols, col_w, first * width)
   return tf.transpose(tf.reshape(x, [n, size, size, channels]), [0, 2, 1, 3])

@@ -13,6 +13,13 @@ Sources too big for memory are streamed (a `datasets.Stream`: shuffled by file, 
 shuffle buffer, an even share per input pipeline); see docs/DATA.md for what is then not
 reproducible. The pipelines see sources only through `datasets.Examples` and
 `datasets.Stream`.
+
+Photometric augmentations (colour distortion, blur) run on the host by default. With
+`on_device` (DataConfig.augment_on "device", or "auto" on GPUs and TPUs: `augment_placement`)
+the host ships each view after crop, flip and resize, rounded to uint8 (a quarter of
+float32's bytes to the accelerator), with its row of draws, and `augment_on_device` applies
+the photometric augmentations from those draws inside the replica's training step: the same
+function of the same draws, so both placements give the same views up to that rounding.
 """
 
 import math
@@ -33,12 +40,14 @@ _SHUFFLE_BATCHES_SMALL, _SHUFFLE_BATCHES_LARGE = 50, 10
 
 def build_train_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, views: int,
                         contrastive: bool, subset: str = "labelled", start_step: int = 0,
-                        source=None):
+                        source=None, on_device: bool = False):
   """Infinite distributed stream of {"image": [b, S, S, 3V], "label": [b]} per replica.
 
   `views` augmented views of each image, concatenated on channels; `contrastive`: with the
   augmentations declared contrastive-only (colour distortion, blur), else crop and flip.
   `source`: the examples of `subset` if already loaded (`datasets.load_train`).
+  `on_device`: the images are uint8 views before their photometric augmentations, with
+  their draws as "u" [b, V, augment.DRAWS_PER_VIEW]; `augment_on_device` finishes them.
   """
   if views < 1:
     raise ValueError(f"views must be >= 1, got {views}")
@@ -56,9 +65,37 @@ def build_train_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, vi
     return train_dataset(source, cfg, global_batch_size=global_batch_size, views=views,
                          contrastive=contrastive, start_step=start_step,
                          num_pipelines=ctx.num_input_pipelines, pipeline_id=ctx.input_pipeline_id,
-                         per_replica_batch=ctx.get_per_replica_batch_size(global_batch_size))
+                         per_replica_batch=ctx.get_per_replica_batch_size(global_batch_size),
+                         on_device=on_device)
 
   return strategy.distribute_datasets_from_function(input_fn)
+
+
+def augment_placement(augment_on: str, strategy) -> str:
+  """"host" or "device" for DataConfig.augment_on under `strategy`: "auto" is "device" when
+  the strategy's devices are GPUs or TPUs, whose hosts are the bottleneck of SimCLR's
+  augmentations, and "host" on CPUs, where both placements share the same cores."""
+  if augment_on != "auto":
+    return augment_on
+  try:
+    devices = strategy.extended.worker_devices
+  except RuntimeError:  # the default strategy: TF's default placement, on any accelerator
+    devices = [d.name for d in tf.config.list_logical_devices()]
+  accelerated = any(tf.DeviceSpec.from_string(d).device_type in ("GPU", "TPU") for d in devices)
+  return "device" if accelerated else "host"
+
+
+def augment_on_device(batch, cfg: DataConfig, *, views: int, contrastive: bool):
+  """A batch of an `on_device` stream as the host placement would have made it: float32 views
+  in [0, 1], photometric augmentations applied from the shipped draws. Runs per replica,
+  inside the training step (XLA-compiled, in float32 whatever the run's precision: the
+  model casts its inputs)."""
+  x = tf.cast(batch["image"], tf.float32) / 255.0
+  if "u" in batch:
+    size = x.shape[1]
+    x = tf.transpose(tf.reshape(x, [-1, size, size, views, 3]), [0, 3, 1, 2, 4])
+    x = _side_by_side(_photometric_views(x, batch["u"], cfg, contrastive))
+  return {**{k: v for k, v in batch.items() if k != "u"}, "image": x}
 
 
 def build_eval_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, source=None):
@@ -95,9 +132,10 @@ def _check_batch(strategy, global_batch_size):
 # One input pipeline.
 
 def train_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_batch, views,
-                  contrastive, start_step=0, num_pipelines=1, pipeline_id=0) -> tf.data.Dataset:
+                  contrastive, start_step=0, num_pipelines=1, pipeline_id=0,
+                  on_device=False) -> tf.data.Dataset:
   """The per-replica batches one input pipeline feeds to its replicas, in replica order."""
-  view_fn, finish = _photometric_fns(cfg, views, contrastive)
+  view_fn, finish = _photometric_fns(cfg, views, contrastive, on_device)
   if not source.in_memory:
     ds = _streaming_train(source, cfg, per_replica_batch, views, contrastive,
                           start_step * global_batch_size, num_pipelines, pipeline_id, view_fn)
@@ -223,27 +261,42 @@ def _views_of(image, u, cfg, views, contrastive, view_fn):
   return {"image": crops if view_fn is None else view_fn(crops, u), "u": u}
 
 
-def _photometric_fns(cfg, views, contrastive):
+def _photometric_fns(cfg, views, contrastive, on_device):
   """(per-example fn or None, per-batch fn): the photometric augmentations where they run
-  fastest (augment.PER_IMAGE_MIN_SIZE), and the final [b, S, S, 3V] layout."""
+  fastest on the host (augment.PER_IMAGE_MIN_SIZE), or left to the device, and the final
+  [b, S, S, 3V] layout."""
   photometric = bool(augment.active(cfg, contrastive, geometric=False))
-  per_image = photometric and cfg.image_size >= augment.PER_IMAGE_MIN_SIZE
+  per_image = photometric and not on_device and cfg.image_size >= augment.PER_IMAGE_MIN_SIZE
 
   def view_fn(crops, u):
     return augment.photometric_per_image(crops, u, cfg, contrastive=contrastive)
 
   def finish(ex):
-    x = ex["image"]
-    b, size = tf.shape(x)[0], x.shape[2]
+    x, label = ex["image"], tf.cast(ex["label"], tf.int32)
+    if on_device:
+      # Rounded to the nearest of 256 levels: at most half a level off, before the colour
+      # distortion (docs/DATA.md).
+      x = _side_by_side(tf.cast(tf.round(x * 255.0), tf.uint8))
+      return {"image": x, "label": label, **({"u": ex["u"]} if photometric else {})}
     if photometric and not per_image:
-      flat = tf.reshape(x, [-1, size, size, 3])
-      u = tf.reshape(ex["u"], [-1, augment.DRAWS_PER_VIEW])
-      flat = augment.photometric(flat, u, cfg, contrastive=contrastive)
-      x = tf.reshape(flat, [b, views, size, size, 3])
-    # Views side by side on channels: view v is channels 3v .. 3v+2.
-    x = tf.reshape(tf.transpose(x, [0, 2, 3, 1, 4]), [b, size, size, 3 * views])
-    return {"image": x, "label": tf.cast(ex["label"], tf.int32)}
+      x = _photometric_views(x, ex["u"], cfg, contrastive)
+    return {"image": _side_by_side(x), "label": label}
   return (view_fn if per_image else None), finish
+
+
+def _photometric_views(x, u, cfg, contrastive):
+  """`augment.photometric` of views [b, V, S, S, 3] with their draws u [b, V, K]."""
+  views, size = x.shape[1], x.shape[2]
+  flat = augment.photometric(tf.reshape(x, [-1, size, size, 3]),
+                             tf.reshape(u, [-1, augment.DRAWS_PER_VIEW]), cfg,
+                             contrastive=contrastive)
+  return tf.reshape(flat, [-1, views, size, size, 3])
+
+
+def _side_by_side(x):
+  """Views [b, V, S, S, 3] side by side on channels: view v is channels 3v .. 3v+2."""
+  b, views, size = tf.shape(x)[0], x.shape[1], x.shape[2]
+  return tf.reshape(tf.transpose(x, [0, 2, 3, 1, 4]), [b, size, size, 3 * views])
 
 
 # ----------------------------------------------------------------------------------------

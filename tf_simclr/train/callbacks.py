@@ -147,7 +147,7 @@ class ImageSummary(Callback):
     if step:
       return
     batch = next(iter(trainer.train_dataset(tf.distribute.get_strategy(), start_step=0)))
-    images = batch["image"][:self.max_outputs]
+    images = trainer.augmented(batch)["image"][:self.max_outputs]
     writer = summary_writer(os.path.join(self.model_dir, "train"))
     with writer.as_default(step=0):
       for i, view in enumerate(tf.split(images, images.shape[-1] // 3, axis=-1)):

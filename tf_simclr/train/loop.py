@@ -76,6 +76,7 @@ class Trainer:
     self.steps_per_loop = cfg.steps_per_loop or min(self.checkpoint_every, 50)
     self._stop_reason = None
     self._examples = {}
+    self.augment_on = pipeline.augment_placement(spec.data_cfg.augment_on, self.strategy)
 
     from tf_simclr.models.simclr import build_model
     with self.strategy.scope():
@@ -169,13 +170,25 @@ class Trainer:
     return pipeline.build_train_dataset(
         strategy, self.spec.data_cfg, global_batch_size=self.spec.train_cfg.train_batch_size,
         views=self.objective.views, contrastive=self.objective.contrastive_augmentation,
-        subset=subset, start_step=start_step, source=self.examples(subset))
+        subset=subset, start_step=start_step, source=self.examples(subset),
+        on_device=self.augment_on == "device")
 
   def labelled_dataset(self, start_step):
     """The labelled subset, one view, as fine-tuning sees it (an objective's extra stream)."""
     return pipeline.build_train_dataset(
         self.strategy, self.spec.data_cfg, global_batch_size=self.spec.train_cfg.train_batch_size,
-        views=1, contrastive=False, subset="labelled", start_step=start_step)
+        views=1, contrastive=False, subset="labelled", start_step=start_step,
+        on_device=self.augment_on == "device")
+
+  def augmented(self, batch, labelled=False):
+    """A batch of `train_dataset` (or of `labelled_dataset`) as the model sees it: with the
+    photometric augmentations placed on the device, they run here."""
+    if self.augment_on != "device":
+      return batch
+    views, contrastive = ((1, False) if labelled else
+                          (self.objective.views, self.objective.contrastive_augmentation))
+    return pipeline.augment_on_device(batch, self.spec.data_cfg, views=views,
+                                      contrastive=contrastive)
 
   # ---------------------------------------------------------------- steps
 
@@ -183,6 +196,9 @@ class Trainer:
     """One replica's step: the objective's loss plus weight decay, one optimizer update."""
     cfg = self.spec.train_cfg
     variables = self.model.trainable_variables
+    batch = self.augmented(batch)
+    if labelled_batch is not None:
+      labelled_batch = self.augmented(labelled_batch, labelled=True)
     with tf.GradientTape() as tape:
       loss, metrics = self.objective.loss(self.model, batch, labelled_batch)
       weight_decay = losses.weight_decay_loss(variables, cfg.weight_decay, cfg.optimizer)
