@@ -7,6 +7,10 @@ With --json the last line printed is one JSON object; `images_per_sec` is the st
 rate (after --warmup_batches). An image is one training example: two views in pretraining.
 The views and augmentations are --train_mode's (its objective's); every DataConfig field the
 declared augmentations read is a flag (augment.CONFIG_FIELDS, e.g. --crop_min_area).
+--augment_on=device times what the host does when colour distortion and blur run in the
+training step (decode, crop, flip, resize, uint8 views and their draws); that step's cost is
+benchmarks/train_step.py --augment_on=device. `images_per_cpu_sec` is the host's cost per
+image whichever placement.
 """
 
 import contextlib
@@ -23,7 +27,7 @@ import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from timing import define_pipeline_flags, time_pipeline  # pylint: disable=g-import-not-at-top
 from tf_simclr import objectives  # pylint: disable=g-import-not-at-top
-from tf_simclr.config import DataConfig  # pylint: disable=g-import-not-at-top
+from tf_simclr.config import AUGMENT_PLACEMENTS, DataConfig  # pylint: disable=g-import-not-at-top
 from tf_simclr.data import augment, pipeline  # pylint: disable=g-import-not-at-top
 
 define_pipeline_flags(flags)
@@ -39,6 +43,9 @@ flags.DEFINE_string("train_split", "train", "Training split.")
 flags.DEFINE_bool("mock_data", False, "TFDS mock data of the dataset's shape (no files needed).")
 flags.DEFINE_enum("resize_method", "bicubic", list(augment.RESIZE_METHODS),
                   "Resampling of the crops (DataConfig.resize_method).")
+flags.DEFINE_enum("augment_on", "host", list(AUGMENT_PLACEMENTS),
+                  "Where the photometric augmentations run (DataConfig.augment_on; auto "
+                  "resolves for this process's devices).")
 FLAGS = flags.FLAGS
 
 
@@ -51,12 +58,15 @@ def main(_):
                                  policy=tfds.testing.MockPolicy.USE_CODE)
           if FLAGS.mock_data else contextlib.nullcontext())
   # In-memory sources are fully loaded here, so the mock is only needed while building.
+  strategy = tf.distribute.get_strategy()
+  augment_on = pipeline.augment_placement(FLAGS.augment_on, strategy)
   with mock:
-    ds = pipeline.build_train_dataset(tf.distribute.get_strategy(), cfg,
+    ds = pipeline.build_train_dataset(strategy, cfg,
                                       global_batch_size=FLAGS.batch_size, views=objective.views,
-                                      contrastive=objective.contrastive_augmentation)
+                                      contrastive=objective.contrastive_augmentation,
+                                      on_device=augment_on == "device")
   time_pipeline((batch["image"] for batch in ds), FLAGS, "tf_simclr", FLAGS.mock_data,
-                FLAGS.resize_method)
+                FLAGS.resize_method, augment_on)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,26 @@ which then runs on one random batch held in memory (`tf.data.Dataset.from_tensor
 benchmarks/input_pipeline.py for that. After tracing and --warmup_steps, every timed call runs
 --steps_per_call steps; step times are per step.
 
+--augment_on=device ships the batch as that placement's input pipeline does (uint8 views and
+their draws) and times the step with the colour distortion and blur it then runs (the
+preset's: strength 0.5 without blur for cifar_r18, 1.0 with blur at 224x224);
+`augment_seconds` is that augmentation alone, timed on the same batch.
+
 FLOPs are counted on the traced graph of one training step (forward, backward and optimizer):
 Conv2D, Conv2DBackpropInput, Conv2DBackpropFilter, MatMul and BatchMatMul ops, 2 FLOPs per
 multiply-add, from their static shapes. Element-wise ops (BN, ReLU, LARS) are not counted, so
 the figure slightly understates the work. A 3x-forward analytical estimate is printed next to
 it as a cross-check (3x the trained model's forward, plus 1x the teacher's forward when
-distilling). The fp32 matmul peak is measured in the same process (2048x2048).
+distilling).
+
+Peaks are measured in the same process: the float32 matmul (2048x2048, `matmul_peak_gflops`)
+and, in the compute dtype of --precision, a matmul and a 3x3 convolution of a ResNet's first
+block group (batch 64, 56x56, 64 channels); the better of those two is
+`precision_peak_gflops`, and `share_of_peak` is the step's rate over it.
 
 With --json the last line printed is one JSON object (keys: images_per_sec, step_time_s,
-peak_rss_mb, gflops_per_sec, matmul_peak_gflops, ...). images/s counts input images, not views.
+peak_rss_mb, gflops_per_sec, matmul_peak_gflops, precision_peak_gflops, share_of_peak, ...).
+images/s counts input images, not views.
 """
 
 import json
@@ -30,6 +41,7 @@ import time
 from absl import app, flags
 
 # benchmarks/timing.py, next to this script.
+from op_breakdown import breakdown, print_breakdown
 from timing import peak_rss_mb, print_step_summary, step_summary
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,35 +70,59 @@ flags.DEFINE_float("width_multiplier", 1.0, "Trunk width multiplier.")
 flags.DEFINE_integer("proj_out_dim", 128, "Projection head output width.")
 flags.DEFINE_enum("optimizer", "lars", ["lars", "momentum", "adam"], "Optimizer.")
 flags.DEFINE_bool("lineareval_while_pretraining", True, "Linear eval head while pretraining.")
+flags.DEFINE_integer("memory_size", 0, "Pretraining's memory buffer of negatives (0: none).")
 flags.DEFINE_bool("global_bn", True, "Synchronized BN (as the reference recipe).")
 flags.DEFINE_integer("recompute_block_groups", -1,
                      "Recompute block groups 1..k in the backward pass (less memory); -1: "
                      "run.py's default for --precision.")
 flags.DEFINE_bool("count_flops", True, "Count the step's FLOPs on its traced graph.")
-flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the fp32 peak.")
-flags.DEFINE_string("profile_dir", None, "Write a TF profiler trace of the timed steps here.")
+flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmuls of the peaks.")
+flags.DEFINE_integer("conv_batch", 64, "Batch of the 3x3 convolution of the precision's peak.")
+flags.DEFINE_enum("augment_on", "host", ["host", "device"],
+                  "device: the step also runs the colour distortion and blur on the batch.")
+flags.DEFINE_string("profile_dir", None, "Write a TF profiler trace of the timed steps here, and "
+                    "add its breakdown by op class (benchmarks/op_breakdown.py).")
 flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
 FLAGS = flags.FLAGS
 
 
-def matmul_peak_gflops(tf, n, reps=4, trials=3):
-  """Best fp32 rate of `reps` chained n x n matmuls in one tf.function, over `trials`."""
-  a = tf.random.normal((n, n), dtype=tf.float32)
-  b = tf.random.normal((n, n), dtype=tf.float32) / float(n) ** 0.5
+def _best_seconds(fn, x, trials):
+  fn(x).numpy()
+  best = float("inf")
+  for _ in range(trials):
+    start = time.perf_counter()
+    fn(x).numpy()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+def matmul_peak_gflops(tf, n, dtype="float32", reps=4, trials=3):
+  """Best rate of `reps` chained n x n matmuls in `dtype` in one tf.function, over `trials`."""
+  a = tf.cast(tf.random.normal((n, n)), dtype)
+  b = tf.cast(tf.random.normal((n, n)) / float(n) ** 0.5, dtype)
 
   @tf.function
   def chain(x):
     for _ in range(reps):
       x = tf.matmul(x, b)
-    return tf.reduce_sum(x)
+    return tf.reduce_sum(tf.cast(x, tf.float32))
 
-  chain(a).numpy()
-  best = float("inf")
-  for _ in range(trials):
-    start = time.perf_counter()
-    chain(a).numpy()
-    best = min(best, time.perf_counter() - start)
-  return 2.0 * n ** 3 * reps / best / 1e9
+  return 2.0 * n ** 3 * reps / _best_seconds(chain, a, trials) / 1e9
+
+
+def conv_peak_gflops(tf, batch, dtype="float32", size=56, channels=64, reps=4, trials=3):
+  """Best rate of `reps` chained 3x3 'SAME' convolutions (ResNet-50's first block group)."""
+  x = tf.cast(tf.random.normal((batch, size, size, channels)), dtype)
+  w = tf.cast(tf.random.normal((3, 3, channels, channels)) / (9.0 * channels) ** 0.5, dtype)
+
+  @tf.function
+  def chain(x):
+    for _ in range(reps):
+      x = tf.nn.conv2d(x, w, 1, "SAME")
+    return tf.reduce_sum(tf.cast(x, tf.float32))
+
+  flops = 2.0 * batch * size * size * channels * 9 * channels * reps
+  return flops / _best_seconds(chain, x, trials) / 1e9
 
 
 _MATMUL_LIKE = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3")
@@ -143,6 +179,7 @@ def main(_):
   from tf_simclr import strategy as strategy_lib
   from tf_simclr.config import (DataConfig, DistillConfig, ModelConfig, TrainConfig,
                                 resolve_recompute_block_groups)
+  from tf_simclr.data import augment
   from tf_simclr.data.datasets import DatasetInfo
   from tf_simclr.models.simclr import build_model
   from tf_simclr.train import loop
@@ -157,6 +194,12 @@ def main(_):
   size = overrides["image_size"]
 
   peak = matmul_peak_gflops(tf, FLAGS.matmul_size)
+  compute_dtype = {"float32": "float32", "mixed_bfloat16": "bfloat16",
+                   "mixed_float16": "float16"}[FLAGS.precision]
+  precision_peaks = {
+      "matmul": (peak if compute_dtype == "float32"
+                 else matmul_peak_gflops(tf, FLAGS.matmul_size, compute_dtype)),
+      "conv3x3": conv_peak_gflops(tf, FLAGS.conv_batch, compute_dtype)}
 
   strategy = strategy_lib.build_strategy("one_device")
   keras.utils.set_random_seed(0)
@@ -169,16 +212,19 @@ def main(_):
   train_cfg = TrainConfig(
       train_mode=FLAGS.train_mode, train_batch_size=batch_size, train_steps=10**6,
       checkpoint_steps=10**6, optimizer=FLAGS.optimizer, precision=FLAGS.precision,
-      lineareval_while_pretraining=FLAGS.lineareval_while_pretraining)
+      lineareval_while_pretraining=FLAGS.lineareval_while_pretraining,
+      memory_size=FLAGS.memory_size)
   teacher = None
   if FLAGS.train_mode == "distill":
     with strategy.scope():
       teacher = build_model(model_cfg)
     teacher.trainable = False
   model_dir = tempfile.mkdtemp(prefix="train_step_bench_")
+  small = size <= 32  # the reference's CIFAR recipe: strength 0.5, no blur
+  data_cfg = DataConfig(image_size=size, augment_on=FLAGS.augment_on,
+                        color_jitter_strength=0.5 if small else 1.0, use_blur=not small)
   spec = loop.RunSpec(strategy=strategy, model_dir=model_dir, model_cfg=model_cfg,
-                      data_cfg=DataConfig(image_size=size), train_cfg=train_cfg,
-                      distill_cfg=DistillConfig())
+                      data_cfg=data_cfg, train_cfg=train_cfg, distill_cfg=DistillConfig())
   info = DatasetInfo(num_classes, num_examples, num_examples, 10_000)
   objective = (objectives.get("distill")(spec, teacher=teacher) if teacher is not None
                else None)
@@ -186,10 +232,18 @@ def main(_):
 
   views = trainer.objective.views
   rng = np.random.default_rng(0)
-  batch = {
-      "image": tf.constant(rng.random((batch_size, size, size, 3 * views), np.float32)),
-      "label": tf.constant(rng.integers(0, num_classes, batch_size), tf.int64),
-  }
+  batch = {"label": tf.constant(rng.integers(0, num_classes, batch_size), tf.int64)}
+  augment_seconds = None
+  if FLAGS.augment_on == "device":
+    batch["image"] = tf.constant(rng.integers(0, 256, (batch_size, size, size, 3 * views),
+                                              np.uint8))
+    if trainer.objective.contrastive_augmentation:
+      batch["u"] = tf.constant(rng.random((batch_size, views, augment.DRAWS_PER_VIEW),
+                                          np.float32))
+    augment_fn = tf.function(lambda b: trainer.augmented(b)["image"])
+    augment_seconds = _best_seconds(augment_fn, batch, 5)
+  else:
+    batch["image"] = tf.constant(rng.random((batch_size, size, size, 3 * views), np.float32))
   iterator = iter(strategy.experimental_distribute_dataset(
       tf.data.Dataset.from_tensors(batch).repeat()))
   train_loop = trainer.make_train_loop()
@@ -216,16 +270,20 @@ def main(_):
   if FLAGS.profile_dir:
     tf.profiler.experimental.stop()
   loss = float(trainer.metrics["loss"].result())
+  ops = breakdown(FLAGS.profile_dir, calls * FLAGS.steps_per_call) if FLAGS.profile_dir else None
 
   result = {
       "preset": FLAGS.preset, "train_mode": FLAGS.train_mode, "precision": FLAGS.precision,
       "batch_size": batch_size, "image_size": size, "resnet_depth": model_cfg.resnet_depth,
       "recompute_block_groups": recompute,
       "sk_ratio": model_cfg.sk_ratio, "optimizer": FLAGS.optimizer,
+      "memory_size": FLAGS.memory_size,
       "steps": len(times) * FLAGS.steps_per_call, "steps_per_call": FLAGS.steps_per_call,
       **step_summary(times, batch_size),
       "first_call_s": first_call_s, "rss_before_timing_mb": rss_before_timing,
-      "matmul_peak_gflops": peak, "loss": loss,
+      "augment_on": FLAGS.augment_on, "augment_seconds": augment_seconds, "op_breakdown": ops,
+      "matmul_peak_gflops": peak, "precision_peak_gflops": max(precision_peaks.values()),
+      "precision_peaks_gflops": precision_peaks, "loss": loss,
       "compute_dtype": keras.mixed_precision.global_policy().compute_dtype,
       "variable_dtypes": sorted({v.dtype for v in trainer.model.variables}),
       "bn_moving_stat_dtypes": sorted({v.dtype for v in trainer.model.non_trainable_variables
@@ -257,8 +315,9 @@ def main(_):
         "gflops_per_sec": total / 1e9 / result["step_time_s"],
     })
     result["fraction_of_matmul_peak"] = result["gflops_per_sec"] / peak
+    result["share_of_peak"] = result["gflops_per_sec"] / result["precision_peak_gflops"]
   else:
-    result["gflops_per_sec"] = None
+    result["gflops_per_sec"] = result["share_of_peak"] = None
   result["peak_rss_mb"] = peak_rss_mb()
 
   r = result
@@ -269,10 +328,17 @@ def main(_):
   if FLAGS.count_flops:
     print(f"  FLOPs      {r['step_gflop']:.1f} GFLOP/step counted on the step graph "
           f"(3x forward estimate {r['forward_gflop_x3']:.1f}); "
-          f"{r['gflops_per_sec']:.1f} GFLOP/s = {r['fraction_of_matmul_peak']:.0%} of the "
-          f"fp32 matmul peak {peak:.1f} GFLOP/s")
+          f"{r['gflops_per_sec']:.1f} GFLOP/s = {r['share_of_peak']:.0%} of the "
+          f"{compute_dtype} peak {r['precision_peak_gflops']:.1f} GFLOP/s (matmul "
+          f"{precision_peaks['matmul']:.1f}, 3x3 conv {precision_peaks['conv3x3']:.1f}); "
+          f"fp32 matmul {peak:.1f}")
     print(f"  dtypes     compute {r['compute_dtype']}, conv/matmul {r['op_dtypes']}, "
           f"softmax/xent ops {r['loss_op_dtypes']}, BN moving stats {r['bn_moving_stat_dtypes']}")
+  if augment_seconds is not None:
+    print(f"  augment    colour distortion{' and blur' if data_cfg.use_blur else ''} on the "
+          f"device: {augment_seconds:.3f} s of the step")
+  if ops:
+    print_breakdown(ops)
   print(f"  load avg   {' '.join(f'{x:.2f}' for x in r['load_average'])} on {os.cpu_count()} CPUs")
   if FLAGS.json:
     print(json.dumps(result), flush=True)
