@@ -20,9 +20,10 @@ import os
 
 from absl import app, flags
 
-# Op types whose events span the ops they run: counting them would count those twice.
+# Op types whose events span the ops they run: counting them would count those twice. An
+# XLA cluster's run (_XlaRun) is counted: its ops are compiled code, not executor events.
 _CONTAINERS = {"While", "StatelessWhile", "If", "StatelessIf", "PartitionedCall",
-               "StatefulPartitionedCall", "Case", "StatelessCase", "_XlaRun", "_XlaCompile"}
+               "StatefulPartitionedCall", "Case", "StatelessCase", "_XlaCompile"}
 # Name scopes (lower case) that decide the class whatever the op type.
 _SCOPES = (("contrastive", "contrastive loss"), ("lars", "optimizer"), ("sgd", "optimizer"),
            ("adam", "optimizer"), ("optimizer", "optimizer"), ("apply_gradients", "optimizer"))
