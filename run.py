@@ -57,8 +57,9 @@ flags.DEFINE_string("resize_method", "bicubic",
                     "bilinear (aligned corners, a faster input pipeline).")
 flags.DEFINE_enum("augment_on", "auto", ["host", "device", "auto"],
                   "Where colour distortion and blur run: in the input pipeline (host), or in "
-                  "the training step on the replicas' devices after the host's crops (device); "
-                  "auto: device on GPUs and TPUs, host on CPUs (docs/DATA.md).")
+                  "the training step on the replicas' devices after the host's crops (device; "
+                  "in-memory same-size images are cropped there too); auto: device on GPUs and "
+                  "TPUs, host on CPUs (docs/DATA.md).")
 
 # Model: --resnet_depth, --width_multiplier, --sk_ratio, --se_ratio, --image_size (also the
 # data's), --proj_head_mode, --proj_out_dim, --num_proj_layers, --ft_proj_selector.

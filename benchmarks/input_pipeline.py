@@ -8,9 +8,11 @@ rate (after --warmup_batches). An image is one training example: two views in pr
 The views and augmentations are --train_mode's (its objective's); every DataConfig field the
 declared augmentations read is a flag (augment.CONFIG_FIELDS, e.g. --crop_min_area).
 --augment_on=device times what the host does when colour distortion and blur run in the
-training step (decode, crop, flip, resize, uint8 views and their draws); that step's cost is
+training step (decode, crop, flip, resize, uint8 views and their draws; for same-size images
+held in memory, such as CIFAR's, only the gather of the uint8 images and their draws, the step
+crops them: `shipped` is "source", else "views"); that step's cost is
 benchmarks/train_step.py --augment_on=device. `images_per_cpu_sec` is the host's cost per
-image whichever placement.
+image whichever placement; `image_shape` and `image_dtype` describe what the host ships.
 """
 
 import contextlib
@@ -65,8 +67,10 @@ def main(_):
                                       global_batch_size=FLAGS.batch_size, views=objective.views,
                                       contrastive=objective.contrastive_augmentation,
                                       on_device=augment_on == "device")
-  time_pipeline((batch["image"] for batch in ds), FLAGS, "tf_simclr", FLAGS.mock_data,
-                FLAGS.resize_method, augment_on)
+  # On the device placement in-memory images go uncropped ("source"), other sources' as views.
+  key = "source" if "source" in ds.element_spec else "image"
+  time_pipeline((batch[key] for batch in ds), FLAGS, "tf_simclr", FLAGS.mock_data,
+                FLAGS.resize_method, augment_on, shipped="source" if key == "source" else "views")
 
 
 if __name__ == "__main__":

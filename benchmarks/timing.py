@@ -49,11 +49,13 @@ def define_pipeline_flags(flags):
   flags.DEFINE_bool("json", False, "Print a JSON summary as the last line.")
 
 
-def time_pipeline(batches, flag_values, what, mock_data, resize_method, augment_on="host"):
+def time_pipeline(batches, flag_values, what, mock_data, resize_method, augment_on="host",
+                  shipped="views"):
   """Times `num_batches` images (from the iterator `batches`) after `warmup_batches`, prints
   images/s, and with --json a JSON object (key `images_per_sec`) as the last line.
   `resize_method`: the crops' resampling; `augment_on`: where the photometric augmentations
-  run ("device": not in this pipeline); both reported."""
+  run ("device": not in this pipeline); `shipped`: what the batches hold ("views", or
+  "source" images the training step crops); all reported."""
   f = flag_values
   for _ in range(f.warmup_batches):
     next(batches)
@@ -68,14 +70,14 @@ def time_pipeline(batches, flag_values, what, mock_data, resize_method, augment_
   rate, per_cpu_second, cores_busy = timed / seconds, timed / cpu, cpu / seconds
   print(f"{rate:.1f} images/s ({what}, {f.dataset}, {f.image_size}x{f.image_size}, "
         f"batch {f.batch_size}, {f.train_mode}, blur={f.use_blur}, {resize_method}, "
-        f"photometric on {augment_on}); "
+        f"photometric on {augment_on}, ships {shipped}); "
         f"{per_cpu_second:.1f} images per CPU second, {cores_busy:.2f} cores busy")
   if f.json:
     print(json.dumps({
         "images_per_sec": rate, "dataset": f.dataset, "image_size": f.image_size,
         "batch_size": f.batch_size, "train_mode": f.train_mode, "use_blur": f.use_blur,
         "color_jitter_strength": f.color_jitter_strength, "resize_method": resize_method,
-        "augment_on": augment_on, "mock_data": mock_data,
+        "augment_on": augment_on, "shipped": shipped, "mock_data": mock_data,
         "num_batches": f.num_batches, "warmup_batches": f.warmup_batches, "seconds": seconds,
         "cpu_seconds": cpu, "cores_busy": cores_busy, "images_per_cpu_sec": per_cpu_second,
         "image_shape": list(images.shape), "image_dtype": images.dtype.name}))

@@ -10,10 +10,11 @@ which then runs on one random batch held in memory (`tf.data.Dataset.from_tensor
 benchmarks/input_pipeline.py for that. After tracing and --warmup_steps, every timed call runs
 --steps_per_call steps; step times are per step.
 
---augment_on=device ships the batch as that placement's input pipeline does (uint8 views and
-their draws) and times the step with the colour distortion and blur it then runs (the
-preset's: strength 0.5 without blur for cifar_r18, 1.0 with blur at 224x224);
-`augment_seconds` is that augmentation alone, timed on the same batch.
+--augment_on=device ships the batch as that placement's input pipeline does (CIFAR's uint8
+images with their draws, which the step crops; at 224x224 uint8 views and their draws) and
+times the step with the augmentations it then runs (the preset's: strength 0.5 without blur
+for cifar_r18, 1.0 with blur at 224x224); `augment_seconds` is that augmentation alone,
+timed on the same batch.
 
 FLOPs are counted on the traced graph of one training step (forward, backward and optimizer):
 Conv2D, Conv2DBackpropInput, Conv2DBackpropFilter, MatMul and BatchMatMul ops, 2 FLOPs per
@@ -235,11 +236,15 @@ def main(_):
   batch = {"label": tf.constant(rng.integers(0, num_classes, batch_size), tf.int64)}
   augment_seconds = None
   if FLAGS.augment_on == "device":
-    batch["image"] = tf.constant(rng.integers(0, 256, (batch_size, size, size, 3 * views),
-                                              np.uint8))
-    if trainer.objective.contrastive_augmentation:
-      batch["u"] = tf.constant(rng.random((batch_size, views, augment.DRAWS_PER_VIEW),
-                                          np.float32))
+    u = tf.constant(rng.random((batch_size, views, augment.DRAWS_PER_VIEW), np.float32))
+    if small:  # CIFAR is held in memory: its images go uncropped, the step crops them
+      batch.update(source=tf.constant(rng.integers(0, 256, (batch_size, size, size, 3), np.uint8)),
+                   u=u)
+    else:
+      batch["image"] = tf.constant(rng.integers(0, 256, (batch_size, size, size, 3 * views),
+                                                np.uint8))
+      if trainer.objective.contrastive_augmentation:
+        batch["u"] = u
     augment_fn = tf.function(lambda b: trainer.augmented(b)["image"])
     augment_seconds = _best_seconds(augment_fn, batch, 5)
   else:
@@ -335,8 +340,9 @@ def main(_):
     print(f"  dtypes     compute {r['compute_dtype']}, conv/matmul {r['op_dtypes']}, "
           f"softmax/xent ops {r['loss_op_dtypes']}, BN moving stats {r['bn_moving_stat_dtypes']}")
   if augment_seconds is not None:
-    print(f"  augment    colour distortion{' and blur' if data_cfg.use_blur else ''} on the "
-          f"device: {augment_seconds:.3f} s of the step")
+    what = "crops, colour distortion" if small else "colour distortion"
+    print(f"  augment    {what}{' and blur' if data_cfg.use_blur else ''} on the device: "
+          f"{augment_seconds:.3f} s of the step")
   if ops:
     print_breakdown(ops)
   print(f"  load avg   {' '.join(f'{x:.2f}' for x in r['load_average'])} on {os.cpu_count()} CPUs")

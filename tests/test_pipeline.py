@@ -190,20 +190,30 @@ def test_device_placement_ships_the_hosts_crops_as_uint8_with_their_draws(folder
   assert "u" not in plain and plain["image"].dtype == np.uint8
 
 
+@pytest.mark.parametrize("kind", ["pixels", "encoded"])
 @pytest.mark.parametrize("size", [32, augment.PER_IMAGE_MIN_SIZE])
-def test_device_placement_gives_the_hosts_views(size):
-  """Same draws, same views: with crops that are whole images at their own size (no
-  resampling, so the uint8 rounding is exact), the views the device finishes equal the host
-  placement's to float rounding, below and above PER_IMAGE_MIN_SIZE (where the host
-  distorts per image)."""
-  cfg = DataConfig(image_size=size, crop_min_area=1.0, use_blur=True)
+def test_device_placement_gives_the_hosts_views(kind, size):
+  """Same draws, same views, below and above PER_IMAGE_MIN_SIZE (where the host distorts per
+  image). Same-size images in memory ("pixels") ship uncropped and the device crops them as
+  the host does (random crops). Other sources ship the host's views rounded to uint8: with
+  crops that are whole images at their own size (no resampling, so the rounding is exact),
+  the views the device finishes equal the host placement's to float rounding."""
+  cfg = DataConfig(image_size=size, crop_min_area=1.0 if kind == "encoded" else 0.08,
+                   use_blur=True)
   rng = np.random.default_rng(2)
-  source = datasets.Examples(rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8),
-                             np.arange(32, dtype=np.int32), "pixels")
+  pixels = rng.integers(0, 256, (32, size, size, 3), dtype=np.uint8)
+  images = (pixels if kind == "pixels" else
+            np.array([tf.io.encode_png(image).numpy() for image in pixels], dtype=object))
+  source = datasets.Examples(images, np.arange(32, dtype=np.int32), kind)
   streams = {on_device: batches(pipeline.build_train_dataset(
       DEFAULT, cfg, global_batch_size=16, source=source, on_device=on_device, **PRETRAIN), 2)
              for on_device in (False, True)}
   for host, shipped in zip(streams[False], streams[True]):
+    if kind == "pixels":  # each example's own image, once, with its draws
+      assert set(shipped) == {"source", "u", "label"}
+      np.testing.assert_array_equal(shipped["source"], pixels[shipped["label"]])
+    else:
+      assert set(shipped) == {"image", "u", "label"} and shipped["image"].dtype == np.uint8
     device = pipeline.augment_on_device({k: tf.constant(v) for k, v in shipped.items()}, cfg,
                                         **PRETRAIN)
     assert set(device) == {"image", "label"} and device["image"].dtype == tf.float32
@@ -356,7 +366,7 @@ _TWO_REPLICAS = textwrap.dedent("""
         streams.append(batches(strategy, ds, 4))
       result[name] = all(np.array_equal(a[k], b[k]) for a, b in zip(*streams) for k in a)
     # The device placement: the replicas finish their shares of the shipped batch.
-    cfg = DataConfig(dataset="cifar10", image_size=32, use_blur=True, crop_min_area=1.0)
+    cfg = DataConfig(dataset="cifar10", image_size=32, use_blur=True)  # ships uncropped
     with tfds.testing.mock_data(num_examples=48, policy=tfds.testing.MockPolicy.USE_CODE):
       host = batches(default, pipeline.build_train_dataset(
           default, cfg, global_batch_size=8, views=2, contrastive=True, start_step=1), 2)

@@ -146,6 +146,7 @@ class DataConfig:
   resize_method: str = "bicubic"
   # "device": the host decodes, crops, flips and resizes, and ships uint8 views with their
   # draws; colour distortion and blur run in the replica's step (tf_simclr.data.pipeline).
+  # Same-size images held in memory go uncropped: the step crops them too.
   augment_on: str = "auto"
   cache_dataset: bool = False
   # Class-balanced, seeded subset of the labelled training split (the paper's 1%/10%).

@@ -16,10 +16,13 @@ reproducible. The pipelines see sources only through `datasets.Examples` and
 
 Photometric augmentations (colour distortion, blur) run on the host by default. With
 `on_device` (DataConfig.augment_on "device", or "auto" on GPUs and TPUs: `augment_placement`)
-the host ships each view after crop, flip and resize, rounded to uint8 (a quarter of
-float32's bytes to the accelerator), with its row of draws, and `augment_on_device` applies
-the photometric augmentations from those draws inside the replica's training step: the same
-function of the same draws, so both placements give the same views up to that rounding.
+`augment_on_device` applies them inside the replica's training step, from the draws the host
+ships with the batch: the same functions of the same draws as on the host. What the host
+ships depends on the source: images of one size held in memory ("pixels": CIFAR, Fashion-MNIST)
+go as they are, uint8, once per image, and the step also crops and resamples them (the same
+batched `augment.crop_and_resize`: the same views to float rounding, the host left with a
+gather); any other source's views go after crop, flip and resize, rounded to uint8 (a quarter
+of float32's bytes to the accelerator).
 """
 
 import math
@@ -46,8 +49,10 @@ def build_train_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, vi
   `views` augmented views of each image, concatenated on channels; `contrastive`: with the
   augmentations declared contrastive-only (colour distortion, blur), else crop and flip.
   `source`: the examples of `subset` if already loaded (`datasets.load_train`).
-  `on_device`: the images are uint8 views before their photometric augmentations, with
-  their draws as "u" [b, V, augment.DRAWS_PER_VIEW]; `augment_on_device` finishes them.
+  `on_device`: each example's draws come as "u" [b, V, augment.DRAWS_PER_VIEW] with, for
+  in-memory pixel sources, its source image as "source" (uint8 [b, H, W, C]) instead of views,
+  else its views as uint8 before their photometric augmentations; `augment_on_device`
+  finishes them.
   """
   if views < 1:
     raise ValueError(f"views must be >= 1, got {views}")
@@ -87,15 +92,19 @@ def augment_placement(augment_on: str, strategy) -> str:
 
 def augment_on_device(batch, cfg: DataConfig, *, views: int, contrastive: bool):
   """A batch of an `on_device` stream as the host placement would have made it: float32 views
-  in [0, 1], photometric augmentations applied from the shipped draws. Runs per replica,
-  inside the training step (XLA-compiled, in float32 whatever the run's precision: the
-  model casts its inputs)."""
-  x = tf.cast(batch["image"], tf.float32) / 255.0
-  if "u" in batch:
+  in [0, 1], cropped from shipped source images if any, photometric augmentations applied
+  from the shipped draws. Runs per replica, inside the training step (in float32 whatever
+  the run's precision: the model casts its inputs; the photometric pass XLA-compiled)."""
+  rest = {k: v for k, v in batch.items() if k not in ("image", "source", "u")}
+  if "source" in batch:
+    x = _batch_views(batch["source"], batch["u"], cfg, contrastive)
+  else:
+    x = tf.cast(batch["image"], tf.float32) / 255.0
+    if "u" not in batch:
+      return {**rest, "image": x}
     size = x.shape[1]
     x = tf.transpose(tf.reshape(x, [-1, size, size, views, 3]), [0, 3, 1, 2, 4])
-    x = _side_by_side(_photometric_views(x, batch["u"], cfg, contrastive))
-  return {**{k: v for k, v in batch.items() if k != "u"}, "image": x}
+  return {**rest, "image": _side_by_side(_photometric_views(x, batch["u"], cfg, contrastive))}
 
 
 def build_eval_dataset(strategy, cfg: DataConfig, *, global_batch_size: int, source=None):
@@ -140,19 +149,16 @@ def train_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_bat
     ds = _streaming_train(source, cfg, per_replica_batch, views, contrastive,
                           start_step * global_batch_size, num_pipelines, pipeline_id, view_fn)
   else:
-    b, size, width = per_replica_batch, cfg.image_size, augment.DRAWS_PER_VIEW * views
+    b, width = per_replica_batch, augment.DRAWS_PER_VIEW * views
 
     def example_fn(image, p):
       return _views_of(image, _draws(cfg.seed, p, 1, width), cfg, views, contrastive, view_fn)
 
     def batch_fn(images, first_position):  # crops of a whole batch in one pass
-      u = _draws(cfg.seed, first_position, b, width)
-      h, w = (tf.fill([b], float(d)) for d in images.shape[1:3])
-      boxes = _view_boxes(u, h, w, cfg, views, contrastive)
-      crops = augment.crop_and_resize(images, boxes, size, tf.repeat(tf.range(b), views),
-                                      method=cfg.resize_method)
-      return {"image": tf.reshape(crops, [b, views, size, size, 3]),
-              "u": tf.reshape(u, [b, views, augment.DRAWS_PER_VIEW])}
+      u = tf.reshape(_draws(cfg.seed, first_position, b, width), [b, views, -1])
+      if on_device:  # the step crops (augment_on_device): the host only gathers
+        return {"source": images, "u": u}
+      return {"image": _batch_views(images, u, cfg, contrastive), "u": u}
 
     positions = _positions(b, global_batch_size, num_pipelines, pipeline_id, start_step)
     ds = _examples_at(source, positions, b, _train_lookup(source.num_examples, cfg.seed),
@@ -224,7 +230,8 @@ def _draws(seed, first_position, count, width, stream=_TRAIN_STREAM):
 
 
 def _view_boxes(u, height, width, cfg, views, contrastive):
-  """[n*V, 4] crop boxes, example-major, from u [n, V*K] and the n images' sizes."""
+  """[n*V, 4] crop boxes, example-major, from u ([n, V*K] or [n, V, K]) and the n images'
+  sizes."""
   return augment.view_boxes(tf.reshape(u, [-1, augment.DRAWS_PER_VIEW]), tf.repeat(height, views),
                             tf.repeat(width, views), cfg, contrastive=contrastive)
 
@@ -252,6 +259,17 @@ def _examples_at(source, positions, b, lookup, example_fn, batch_fn=None):
   return ds.batch(b, drop_remainder=True)
 
 
+def _batch_views(images, u, cfg, contrastive):
+  """Views [b, V, S, S, 3] float32 in [0, 1] of same-size images [b, H, W, C] from their draws
+  u [b, V, K]: the geometric augmentations of the whole batch in one pass."""
+  b, views, size = tf.shape(u)[0], u.shape[1], cfg.image_size
+  h, w = (tf.fill([b], tf.cast(d, tf.float32)) for d in tf.unstack(tf.shape(images)[1:3]))
+  boxes = _view_boxes(u, h, w, cfg, views, contrastive)
+  crops = augment.crop_and_resize(images, boxes, size, tf.repeat(tf.range(b), views),
+                                  method=cfg.resize_method)
+  return tf.reshape(crops, [b, views, size, size, 3])
+
+
 def _views_of(image, u, cfg, views, contrastive, view_fn):
   """{"image": one image's crops [V, S, S, 3] (view_fn applied, if any), "u": its draws [V, K]}."""
   shape = tf.cast(tf.shape(image), tf.float32)
@@ -272,7 +290,10 @@ def _photometric_fns(cfg, views, contrastive, on_device):
     return augment.photometric_per_image(crops, u, cfg, contrastive=contrastive)
 
   def finish(ex):
-    x, label = ex["image"], tf.cast(ex["label"], tf.int32)
+    label = tf.cast(ex["label"], tf.int32)
+    if "source" in ex:
+      return {"source": ex["source"], "u": ex["u"], "label": label}
+    x = ex["image"]
     if on_device:
       # Rounded to the nearest of 256 levels: at most half a level off, before the colour
       # distortion (docs/DATA.md).

@@ -182,7 +182,7 @@ class Trainer:
 
   def augmented(self, batch, labelled=False):
     """A batch of `train_dataset` (or of `labelled_dataset`) as the model sees it: with the
-    photometric augmentations placed on the device, they run here."""
+    augmentations placed on the device, they run here (pipeline.augment_on_device)."""
     if self.augment_on != "device":
       return batch
     views, contrastive = ((1, False) if labelled else
