@@ -30,8 +30,10 @@ flags.DEFINE_string("model_dir", None, "Where checkpoints, summaries, results an
 flags.DEFINE_integer("seed", 0, "Seed of initial weights, data order and augmentations.")
 flags.DEFINE_bool("deterministic", False,
                   "Deterministic TF ops (bit-exact reruns and resumes; somewhat slower).")
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16"],
-                  "Compute precision; losses, softmax and BN statistics stay float32.")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_bfloat16", "mixed_float16", "auto"],
+                  "Compute precision; losses, softmax and BN statistics stay float32. auto: "
+                  "mixed_bfloat16 where the hardware has native bf16 (TPU, Ampere+ GPU, CPU "
+                  "with AVX512_BF16/AMX), mixed_float16 on older tensor-core GPUs, else float32.")
 
 # Data.
 flags.DEFINE_string("dataset", "imagenet2012",
@@ -161,7 +163,7 @@ def model_config(num_classes) -> ModelConfig:
                              else -1),
       update_frozen_bn=FLAGS.update_frozen_bn,
       recompute_block_groups=resolve_recompute_block_groups(
-          FLAGS.recompute_block_groups, FLAGS.precision))
+          FLAGS.recompute_block_groups, precision()))
 
 
 def data_config() -> DataConfig:
@@ -176,9 +178,18 @@ def data_config() -> DataConfig:
       seed=FLAGS.seed)
 
 
+def precision() -> str:
+  """--precision, with auto resolved for the devices this run will use."""
+  if FLAGS.precision != "auto":
+    return FLAGS.precision
+  from tf_simclr import precision as precision_lib
+  return precision_lib.native_precision(tpu=FLAGS.strategy == "tpu" or FLAGS.use_tpu
+                                        or bool(FLAGS.tpu))
+
+
 def train_config() -> TrainConfig:
-  names = [f.name for f in TrainConfig.__dataclass_fields__.values()]
-  return TrainConfig(**{name: getattr(FLAGS, name) for name in names})
+  names = [f.name for f in TrainConfig.__dataclass_fields__.values() if f.name != "precision"]
+  return TrainConfig(precision=precision(), **{name: getattr(FLAGS, name) for name in names})
 
 
 def distill_config() -> DistillConfig:
@@ -285,6 +296,8 @@ def run(argv):
   except ValueError as e:  # e.g. --num_cpu_replicas with another strategy, bad TF_CONFIG
     raise app.UsageError(str(e))
 
+  if FLAGS.precision == "auto":
+    print(f"Precision: auto -> {precision()}", flush=True)
   data_cfg = data_config()
   try:
     # The eval split is checked before training when the run evaluates, never otherwise.

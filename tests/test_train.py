@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tf_simclr import precision as precision_lib
 from tf_simclr.train import evaluation, loop
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,13 +41,15 @@ def pretrained(tmp_path_factory):
   model_dir = str(tmp_path_factory.mktemp("pretrain"))
   out = run("--train_mode=pretrain", "--mode=train_then_eval", "--train_steps=6",
             "--checkpoint_steps=3", "--learning_rate=0.5", "--warmup_epochs=0",
-            "--knn_monitor", "--knn_k=20", f"--model_dir={model_dir}")
+            "--knn_monitor", "--knn_k=20", "--precision=auto", f"--model_dir={model_dir}")
   return model_dir, out
 
 
 def test_pretrain_writes_checkpoints_results_and_summaries(pretrained):
   model_dir, out = pretrained
   assert "step 6/6" in out.stdout and "img/s" in out.stdout and "ETA" in out.stdout
+  # The recipes' --precision=auto, resolved for this machine's CPU.
+  assert f"Precision: auto -> {precision_lib.native_precision()}" in out.stdout
   assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-6")
   assert os.path.exists(os.path.join(model_dir, "ckpt-3.index"))
   res = result(model_dir)
