@@ -163,7 +163,7 @@ def train_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_bat
     positions = _positions(b, global_batch_size, num_pipelines, pipeline_id, start_step)
     ds = _examples_at(source, positions, b, _train_lookup(source.num_examples, cfg.seed),
                       example_fn, batch_fn if view_fn is None else None)
-  ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _map(ds, finish, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -192,6 +192,12 @@ def eval_dataset(source, cfg: DataConfig, *, global_batch_size, per_replica_batc
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def _map(ds, fn, **kwargs):
+  """`ds.map(fn)` without AutoGraph: these functions are TF ops without Python control flow
+  on tensors, and converting them cost ~10 s of every run's start-up."""
+  return ds.map(tf.autograph.experimental.do_not_convert(fn), **kwargs)
+
+
 def _positions(b, global_batch, num_pipelines, pipeline_id, start_step):
   """[b] consecutive stream positions of each per-replica batch this pipeline emits."""
   replicas_here = global_batch // b // num_pipelines
@@ -200,8 +206,8 @@ def _positions(b, global_batch, num_pipelines, pipeline_id, start_step):
     step = start_step + k // replicas_here
     return step * global_batch + pipeline_id * replicas_here * b + (k % replicas_here) * b
 
-  return tf.data.Dataset.range(np.iinfo(np.int64).max).map(
-      lambda k: first(k) + tf.range(b, dtype=tf.int64))
+  return _map(tf.data.Dataset.range(np.iinfo(np.int64).max),
+              lambda k: first(k) + tf.range(b, dtype=tf.int64))
 
 
 def _train_lookup(num, seed):
@@ -249,13 +255,13 @@ def _examples_at(source, positions, b, lookup, example_fn, batch_fn=None):
       return {**batch_fn(tf.gather(images, index), pos[0]), "label": tf.gather(labels, index),
               "mask": mask}
 
-    return positions.map(per_batch, num_parallel_calls=tf.data.AUTOTUNE)
+    return _map(positions, per_batch, num_parallel_calls=tf.data.AUTOTUNE)
 
   def per_example(p):
     index, mask = lookup(p)
     return {**example_fn(source.decode(images[index]), p), "label": labels[index], "mask": mask}
 
-  ds = positions.unbatch().map(per_example, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _map(positions.unbatch(), per_example, num_parallel_calls=tf.data.AUTOTUNE)
   return ds.batch(b, drop_remainder=True)
 
 
@@ -338,17 +344,17 @@ def _streaming_train(source, cfg, b, views, contrastive, first_position, num_pip
   buffer = _SHUFFLE_BATCHES_SMALL if cfg.image_size <= 32 else _SHUFFLE_BATCHES_LARGE
   ds = ds.shuffle(b * buffer, seed=cfg.seed).repeat()
   # Positions interleave the pipelines, so no two pipelines share augmentation draws.
-  ds = ds.enumerate().map(lambda i, ex: (ex, first_position + i * num_pipelines + pipeline_id))
-  ds = ds.map(_decode_crop(source, cfg, views, contrastive, view_fn),
-              num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+  ds = _map(ds.enumerate(), lambda i, ex: (ex, first_position + i * num_pipelines + pipeline_id))
+  ds = _map(ds, _decode_crop(source, cfg, views, contrastive, view_fn),
+           num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
   return ds.batch(b, drop_remainder=True)
 
 
 def _streaming_eval(source, cfg, b, global_batch, steps, num_pipelines, pipeline_id, view):
-  ds = source.read().map(lambda ex: {"image": view(source.decode(ex["image"])),
-                                     "label": tf.cast(ex["label"], tf.int32),
-                                     "mask": tf.constant(1.0)},
-                         num_parallel_calls=tf.data.AUTOTUNE)
+  ds = _map(source.read(), lambda ex: {"image": view(source.decode(ex["image"])),
+                                       "label": tf.cast(ex["label"], tf.int32),
+                                       "mask": tf.constant(1.0)},
+            num_parallel_calls=tf.data.AUTOTUNE)
   size = cfg.image_size
   pad = {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32),
          "mask": tf.constant(0.0)}
