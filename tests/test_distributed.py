@@ -40,6 +40,8 @@ FINETUNE = ["--train_mode=finetune", "--train_steps=1", "--optimizer=momentum",
 DISTILL = ["--train_mode=distill", "--train_steps=1", "--optimizer=lars",
            "--learning_rate=0.1", "--ft_proj_selector=1"]
 ENV = dict(os.environ, PYTHONPATH=ROOT)
+# ~10 s of export per run: only the runs whose export a test reads make one.
+NO_EXPORT = "--keep_hub_module_max=0"
 
 
 def other_kernels_env():
@@ -138,16 +140,17 @@ def runs(tmp_path_factory):
   p1 = start(*PRETRAIN, f"--model_dir={d['pretrain1']}")
   # The 4-replica run also recomputes its first block groups in the backward pass (all-reduces
   # of synchronized BN inside gradients), which must not change the step either.
-  p4 = start(*PRETRAIN, "--num_cpu_replicas=4", "--recompute_block_groups=2",
+  p4 = start(*PRETRAIN, "--num_cpu_replicas=4", "--recompute_block_groups=2", NO_EXPORT,
              f"--model_dir={d['pretrain4']}")
   thread.start()
   out = {"pretrain1": finish(p1)}
   teacher = d["pretrain1"]
   # Fine-tuning starts from fresh weights: after a few steps of training the fp32 gradient
   # of this model is much less accurate (see the xfail below), whatever the replica count.
-  ft = FINETUNE
-  distill = [*DISTILL, f"--teacher_checkpoint={teacher}"]
-  procs = {"pretrain1_kernels": start(*PRETRAIN, f"--model_dir={d['pretrain1_kernels']}",
+  ft = [*FINETUNE, NO_EXPORT]
+  distill = [*DISTILL, NO_EXPORT, f"--teacher_checkpoint={teacher}"]
+  procs = {"pretrain1_kernels": start(*PRETRAIN, NO_EXPORT,
+                                      f"--model_dir={d['pretrain1_kernels']}",
                                       env=other_kernels_env()),
            "ft1": start(*ft, f"--model_dir={d['ft1']}"),
            "ft4": start(*ft, "--num_cpu_replicas=4", f"--model_dir={d['ft4']}"),
