@@ -24,11 +24,11 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tf_simclr import objectives  # pylint: disable=g-import-not-at-top  (before TensorFlow)
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
 from timing import define_pipeline_flags, time_pipeline  # pylint: disable=g-import-not-at-top
-from tf_simclr import objectives  # pylint: disable=g-import-not-at-top
 from tf_simclr.config import AUGMENT_PLACEMENTS, DataConfig  # pylint: disable=g-import-not-at-top
 from tf_simclr.data import augment, pipeline  # pylint: disable=g-import-not-at-top
 

@@ -26,10 +26,9 @@ from timing import cpu_seconds, peak_rss_mb
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tf_simclr import knn  # pylint: disable=g-import-not-at-top  (before TensorFlow)
 import keras  # pylint: disable=g-import-not-at-top
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
-
-from tf_simclr import knn  # pylint: disable=g-import-not-at-top
 from tf_simclr.config import DataConfig, ModelConfig  # pylint: disable=g-import-not-at-top
 from tf_simclr.data import pipeline  # pylint: disable=g-import-not-at-top
 from tf_simclr.models.simclr import build_model  # pylint: disable=g-import-not-at-top

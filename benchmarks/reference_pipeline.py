@@ -25,6 +25,10 @@ import sys
 
 from absl import app, flags
 
+# Our package's environment defaults before TensorFlow loads (oneDNN's kernels on x86, as in
+# our runs), so both sides of a comparison run the same kernels; it imports no TensorFlow.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tf_simclr  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 

@@ -60,8 +60,12 @@ from absl import app, flags
 # benchmarks/timing.py, next to this script.
 from timing import peak_rss_mb, print_step_summary, step_summary
 
-# Before TensorFlow is imported: makes tf.keras the Keras 2 (tf_keras) the reference needs.
+# Before TensorFlow is imported: makes tf.keras the Keras 2 (tf_keras) the reference needs,
+# and our package's environment defaults (oneDNN's kernels on x86, as in our runs), so both
+# sides of a comparison run the same kernels; tf_simclr/__init__.py imports no TensorFlow.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import tf_simclr  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
 
 PRESETS = {
     # name: (reference flag values, classes, training examples); the models and batches of

@@ -1,4 +1,10 @@
-"""--precision=auto: mixed bfloat16 only where the hardware has native bf16."""
+"""What run.py picks for the hardware: --precision=auto (mixed bfloat16 only where the hardware
+has native bf16) and oneDNN's CPU kernels on x86."""
+
+import os
+import platform
+import subprocess
+import sys
 
 import pytest
 
@@ -26,3 +32,17 @@ def test_cpu_bf16_flags(tmp_path, text, native):
 
 def test_unreadable_cpuinfo_means_float32(tmp_path):
   assert not precision.cpu_has_bf16(str(tmp_path / "missing"))
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86 only")
+@pytest.mark.parametrize("setting, enabled", [(None, True), ("0", False)])
+def test_onednn_kernels_are_on_on_x86_unless_turned_off(setting, enabled):
+  env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+  if setting is not None:
+    env["TF_ENABLE_ONEDNN_OPTS"] = setting
+  code = ("import tf_simclr; from tensorflow.python.util import _pywrap_util_port as port; "
+          "print(port.IsMklEnabled())")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=root),
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.split()[-1] == str(enabled)
